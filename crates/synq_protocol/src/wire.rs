@@ -1,0 +1,262 @@
+//! The messages exchanged between a client and the reflector.
+//!
+//! Everything a client contributes to a session travels as a [`Sealed`] payload that only holders
+//! of the session password can open; the reflector adds the metadata it is responsible for (time,
+//! sequence number, sender) around it.
+
+use crate::crypto::Sealed;
+use crate::ids::{Hash32, PersistentId, SessionId, ViewId};
+use serde::{Deserialize, Serialize};
+
+/// Session time: integer milliseconds since the session started, continuing across reflector
+/// restarts. The only clock model code ever sees.
+pub type SessionTime = u64;
+
+/// Client → reflector.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    /// Join a session. The first message of every connection.
+    Join(Join),
+    /// A view event for the model, to be stamped and broadcast to every client of the session.
+    Event(Sealed),
+    /// This client's keyed hash of its model state at a snapshot point.
+    HashVote(HashVote),
+    /// The sealed snapshot for a snapshot point, sent by the client the tally elected.
+    SnapshotUpload(SnapshotRecord),
+    /// The sealed persisted-data document of the session's persistent id.
+    PersistUpload(PersistRecord),
+    /// Round-trip probe; answered with [`ServerMessage::Pong`].
+    Ping(u64),
+    /// Leave the session; the connection may then be closed.
+    Leave,
+}
+
+/// The first message of a connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    /// Must equal [`crate::PROTOCOL_VERSION`].
+    pub protocol: u16,
+    /// The app id (reverse-DNS style); used for access control.
+    pub app_id: String,
+    /// The key presented for access control, if the reflector requires one.
+    pub api_key: Option<String>,
+    /// The session to join.
+    pub session_id: SessionId,
+    /// The session's persistent id (for persisted data).
+    pub persistent_id: PersistentId,
+    /// This client's view id.
+    pub view_id: ViewId,
+    /// Heartbeat tick period requested by this client; only the client that creates the session
+    /// sets it.
+    pub tick_ms: u32,
+    /// An encryption of the session id under the session key. The first client's token is kept
+    /// and handed to every later joiner, who can then tell at once whether its password is right.
+    pub password_check: Sealed,
+    /// Set when this is a reconnect of a client that has processed every external message up to
+    /// and including this sequence number: the reflector then sends only what came after (a
+    /// seamless rejoin) when it still has it.
+    pub resume_after: Option<u32>,
+}
+
+/// A client's vote at a snapshot point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashVote {
+    /// Model time of the snapshot point.
+    pub time: SessionTime,
+    /// The last external sequence number executed before the snapshot point.
+    pub seq: u32,
+    /// A keyed hash of the model state (see [`crate::crypto::SessionKey::vote_digest`]): equal
+    /// states give equal votes, and the reflector learns nothing else.
+    pub vote: Hash32,
+}
+
+/// A sealed snapshot at a snapshot point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Model time of the snapshot point.
+    pub time: SessionTime,
+    /// The last external sequence number executed before the snapshot point.
+    pub seq: u32,
+    /// The vote of the state it holds.
+    pub vote: Hash32,
+    /// The sealed, canonical encoding of the model.
+    pub data: Sealed,
+}
+
+/// A sealed persisted-data document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PersistRecord {
+    /// Model time at which the model asked for it to be persisted.
+    pub time: SessionTime,
+    /// Keyed hash of the document.
+    pub vote: Hash32,
+    /// The sealed canonical-JSON document.
+    pub data: Sealed,
+}
+
+/// Reflector → client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// The answer to a join: where the session stands and how to catch up.
+    Sync(Sync),
+    /// An external message, stamped by the reflector.
+    Event(StampedEvent),
+    /// A heartbeat: session time advanced with no event.
+    Tick(SessionTime),
+    /// The result of the hash votes at a snapshot point.
+    Tally(Tally),
+    /// The reflector stored the snapshot this client uploaded.
+    SnapshotAccepted {
+        /// Model time of the stored snapshot.
+        time: SessionTime,
+        /// Its last external sequence number.
+        seq: u32,
+    },
+    /// The reflector stored the persisted data this client uploaded.
+    PersistAccepted {
+        /// Keyed hash of the stored document.
+        vote: Hash32,
+    },
+    /// The answer to [`ClientMessage::Ping`].
+    Pong(u64),
+    /// Something went wrong; `code` says whether retrying can help.
+    Error(ErrorMessage),
+}
+
+/// The answer to a join.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sync {
+    /// Current session time.
+    pub time: SessionTime,
+    /// The last sequence number handed out so far.
+    pub seq: u32,
+    /// The session's heartbeat period.
+    pub tick_ms: u32,
+    /// The first client's password token (see [`Join::password_check`]).
+    pub password_check: Sealed,
+    /// How the client starts.
+    pub start: SyncStart,
+    /// Every external message after the starting point, in order.
+    pub events: Vec<StampedEvent>,
+}
+
+/// Where a joining client starts from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SyncStart {
+    /// A never-seen session: run the model's init, with the persisted data of the persistent id
+    /// if there is any.
+    Fresh {
+        /// The persisted data of the session's persistent id, if any.
+        persisted: Option<PersistRecord>,
+    },
+    /// Restore the latest snapshot.
+    Snapshot(SnapshotRecord),
+    /// A seamless rejoin: keep the running model; `events` continue right after the sequence
+    /// number the client named in [`Join::resume_after`].
+    Resume,
+}
+
+/// An external message: what the reflector stamped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StampedEvent {
+    /// Session time at which the reflector received it.
+    pub time: SessionTime,
+    /// Its sequence number (wrapping; consecutive within a session).
+    pub seq: u32,
+    /// What it carries.
+    pub body: EventBody,
+}
+
+/// The content of an external message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum EventBody {
+    /// A view event, sealed by its sender.
+    View {
+        /// The sending client's view id (bound into the ciphertext's associated data).
+        sender: ViewId,
+        /// The sealed event.
+        payload: Sealed,
+    },
+    /// Views joined and left (batched). Exits are processed before joins.
+    Users {
+        /// Views that joined, in the order they joined.
+        joined: Vec<ViewId>,
+        /// Views that left.
+        left: Vec<ViewId>,
+        /// Set on the first batch after the session was loaded with no client connected (a
+        /// reflector restart): every view the model remembers that is not in `joined` has left.
+        reset: bool,
+    },
+    /// The reflector needs a snapshot soon (its event buffer is filling up).
+    SnapshotRequest,
+}
+
+/// The votes at a snapshot point, grouped by vote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    /// Model time of the snapshot point.
+    pub time: SessionTime,
+    /// Its last external sequence number.
+    pub seq: u32,
+    /// One group per distinct vote, the consensus (largest, ties to the smaller vote) first.
+    pub groups: Vec<VoteGroup>,
+    /// The client asked to upload the snapshot, if the reflector wants it.
+    pub uploader: Option<ViewId>,
+}
+
+/// Replicas that voted the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteGroup {
+    /// The shared vote.
+    pub vote: Hash32,
+    /// Who voted it, sorted.
+    pub views: Vec<ViewId>,
+}
+
+/// An error sent to a client; often followed by a disconnect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+/// Why the reflector refused something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The client speaks another protocol version. Final.
+    ProtocolVersion,
+    /// The app is not admitted (missing or wrong key). Final.
+    AccessDenied,
+    /// A message arrived before `Join`, or a second `Join`. Final.
+    NotJoined,
+    /// The view id is already connected to this session. Final.
+    DuplicateView,
+    /// A frame could not be decoded. Final.
+    Malformed,
+    /// A message exceeded a size limit; it was dropped.
+    TooLarge,
+    /// The client sends events faster than allowed; the event was dropped.
+    RateLimited,
+    /// The session's event buffer is full until a snapshot arrives; the event was dropped.
+    BufferFull,
+    /// The reflector is at its client limit. Retry later.
+    Full,
+    /// The reflector is shutting down. Retry later.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// Whether the client should give up instead of reconnecting.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ProtocolVersion
+                | ErrorCode::AccessDenied
+                | ErrorCode::NotJoined
+                | ErrorCode::DuplicateView
+                | ErrorCode::Malformed
+        )
+    }
+}
