@@ -1,1 +1,108 @@
-//! stub
+//! # bevy_synq
+//!
+//! Croquet/Multisynq-style **replicated computation** for Bevy. Write your game state as a
+//! *model* — components, resources, systems and observers in a `World` of its own — and every
+//! player's machine runs it bit-identically, stepped only by what a small **reflector** sends:
+//! the events views publish, stamped with a session time and a sequence number, and heartbeat
+//! ticks. Late joiners resume from a snapshot; replicas compare state hashes at every snapshot
+//! point, so a divergence is detected and reported; everything a client contributes is sealed
+//! with a key derived from the session password, so the reflector sees only ciphertext.
+//!
+//! ## Quick start
+//!
+//! ```
+//! use bevy::prelude::*;
+//! use bevy_synq::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! // Model state: registered, serializable components and resources.
+//! #[derive(Component, Serialize, Deserialize)]
+//! struct Counter(u64);
+//!
+//! // A view → model event.
+//! #[derive(Serialize, Deserialize)]
+//! struct Bump(u64);
+//!
+//! fn model(model: &mut ModelApp) {
+//!     model
+//!         .register_component::<Counter>()
+//!         .add_view_event::<Bump>()
+//!         // Runs once, when the session starts fresh.
+//!         .add_systems(ModelInit, |mut commands: Commands| {
+//!             commands.spawn(Counter(0));
+//!         })
+//!         // Handlers run on every replica at the same model time.
+//!         .add_observer(|bump: On<FromView<Bump>>, mut counters: Query<&mut Counter>| {
+//!             for mut counter in &mut counters {
+//!                 counter.0 += bump.0;
+//!             }
+//!         });
+//! }
+//!
+//! // View systems read the model and publish events; they cannot write to it.
+//! fn view(mut counters: ModelQuery<&Counter>, mut bump: Publish<Bump>) {
+//!     for counter in counters.iter() {
+//!         if counter.0 < 3 {
+//!             bump.send(Bump(1));
+//!         }
+//!     }
+//! }
+//!
+//! let mut session = SessionConfig::new("io.example.counter", "lobby", "secret");
+//! session.kdf = bevy_synq::protocol::crypto::KdfParams::INSECURE_FAST; // tests only
+//! let mut app = App::new();
+//! app.add_plugins(MinimalPlugins)
+//!     .add_plugins(SynqPlugin::new(model, session))
+//!     .add_systems(Update, view);
+//! app.update();
+//! ```
+//!
+//! ## The rules of the model
+//!
+//! Model code must be deterministic: see `docs/determinism.md`. In short: use [`ModelTime`] and
+//! [`ModelRng`], never the wall clock or `rand`; keep state in registered components and
+//! resources; refer to entities across time by [`ModelId`]; use the portable math in [`math`]
+//! for transcendental functions; order systems whose commands interact.
+//!
+//! ## How a frame runs
+//!
+//! In `PreUpdate` ([`SynqSystems::Receive`], [`SynqSystems::Simulate`]) the client takes in what
+//! the reflector sent and runs the model up to the reflector's latest time; model → view messages
+//! are then written as Bevy messages. `Update` is yours: view systems read the model and publish.
+//! In `PostUpdate` ([`SynqSystems::Send`]) published events are sealed and sent. See
+//! `docs/architecture.md`.
+#![deny(missing_docs)]
+
+mod client;
+mod config;
+pub mod math;
+pub mod model;
+mod plugin;
+pub mod snapshot;
+mod status;
+pub mod transport;
+pub mod view;
+
+pub use client::{HashRecord, ModelWorld, Outbox, SessionIds, StartKind, SynqClient};
+pub use config::{CatchUpBudget, SessionConfig};
+pub use model::*;
+pub use plugin::{EmbeddedReflectorHandle, ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash};
+pub use status::{DivergenceDetected, SynqProblem, SynqStatus, is_synced};
+
+/// The protocol crate (ids, crypto, wire messages), re-exported.
+pub use synq_protocol as protocol;
+/// The reflector crate, re-exported (embedded and in-process reflectors).
+pub use synq_reflector as reflector;
+
+/// Everything a model or view usually needs.
+pub mod prelude {
+    pub use crate::model::{
+        FromView, ModelApp, ModelEntities, ModelId, ModelInit, ModelPlugin, ModelRng, ModelTime, ModelTimers,
+        ModelUpdate, ModelViews, TimerId, ToView, ViewExited, ViewJoined,
+    };
+    pub use crate::view::{Model, ModelQuery, Publish};
+    pub use crate::{
+        DivergenceDetected, ReflectorTarget, SessionConfig, SynqPlugin, SynqProblem, SynqStatus, SynqSystems, is_synced,
+    };
+    pub use synq_protocol::ViewId;
+}

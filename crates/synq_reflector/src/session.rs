@@ -1,0 +1,70 @@
+//! The state of one session inside the reflector.
+
+use std::collections::{BTreeMap, VecDeque};
+use synq_protocol::crypto::Sealed;
+use synq_protocol::ids::{Hash32, PersistentId, SessionId, ViewId};
+use synq_protocol::wire::{SessionTime, SnapshotRecord, StampedEvent};
+
+use crate::core::ClientId;
+
+/// Pending join/leave notices, batched into one `Users` event.
+#[derive(Default)]
+pub(crate) struct UsersBatch {
+    pub joined: Vec<ViewId>,
+    pub left: Vec<ViewId>,
+    pub deadline: Option<u64>,
+}
+
+/// Votes collected for one snapshot point.
+pub(crate) struct TallyState {
+    pub votes: Vec<(ViewId, Hash32)>,
+    pub deadline: u64,
+}
+
+/// A snapshot the reflector asked a client to upload.
+pub(crate) struct AwaitedUpload {
+    pub time: SessionTime,
+    pub seq: u32,
+    pub uploader: ViewId,
+    pub vote: Hash32,
+}
+
+pub(crate) struct Session {
+    pub id: SessionId,
+    pub persistent_id: PersistentId,
+    /// `now` (reflector clock, ms) at which session time was 0; moved when the session resumes
+    /// after being empty, so that time continues where it stopped.
+    pub start: u64,
+    /// Session time at which the session became empty.
+    pub paused_at: Option<SessionTime>,
+    /// The last sequence number handed out.
+    pub seq: u32,
+    pub tick_ms: u32,
+    /// Reflector clock of the last broadcast (event or tick).
+    pub last_broadcast: u64,
+    pub password_check: Sealed,
+    pub snapshot: Option<SnapshotRecord>,
+    /// Every event after the snapshot (or since the session started), in order.
+    pub events: VecDeque<StampedEvent>,
+    /// Clients that received their `Sync`, in join order.
+    pub clients: Vec<(ClientId, ViewId)>,
+    pub users: UsersBatch,
+    pub reset_pending: bool,
+    pub tallies: BTreeMap<(SessionTime, u32), TallyState>,
+    pub awaited_upload: Option<AwaitedUpload>,
+    /// Buffered-event count at which the last snapshot request was sent.
+    pub requested_at: Option<usize>,
+}
+
+impl Session {
+    pub fn time(&self, now: u64) -> SessionTime {
+        match self.paused_at {
+            Some(paused) => paused,
+            None => now.saturating_sub(self.start),
+        }
+    }
+
+    pub fn has_view(&self, view: ViewId) -> bool {
+        self.clients.iter().any(|(_, v)| *v == view)
+    }
+}

@@ -1,0 +1,476 @@
+//! One client's part in a session: joining, catching up, running the model, voting and uploading.
+//!
+//! The [`SynqClient`] resource holds the connection and the session state; [`ModelWorld`] holds
+//! the model runtime that view systems read. The plugin's systems drive both once per frame.
+
+use bevy::prelude::*;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use synq_protocol::crypto::{Binding, SealKind, SessionKey};
+use synq_protocol::ids::{PersistentId, SessionId, ViewId};
+use synq_protocol::wire::{
+    ClientMessage, ErrorCode, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, SyncStart, Tally,
+};
+use synq_protocol::{Hash32, PROTOCOL_VERSION};
+
+use crate::config::SessionConfig;
+use crate::model::ModelProblem;
+use crate::model::app::{ModelPlugin, WorldSettings};
+use crate::model::runtime::{External, ExternalBody, ModelRuntime};
+use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
+use crate::transport::{Connection, Connector};
+
+/// This replica's model, for view systems (through [`Model`](crate::view::Model) and
+/// [`ModelQuery`](crate::view::ModelQuery)).
+#[derive(Resource, Default)]
+pub struct ModelWorld {
+    pub(crate) runtime: Option<ModelRuntime>,
+}
+
+impl ModelWorld {
+    /// The runtime, once the session started.
+    pub fn runtime(&self) -> Option<&ModelRuntime> {
+        self.runtime.as_ref()
+    }
+
+    /// The runtime, mutably (for tests and tools: capturing, hashing).
+    pub fn runtime_mut(&mut self) -> Option<&mut ModelRuntime> {
+        self.runtime.as_mut()
+    }
+}
+
+/// View events waiting to be sealed and sent.
+#[derive(Resource, Default)]
+pub struct Outbox {
+    pub(crate) index: bevy::platform::collections::HashMap<std::any::TypeId, u16>,
+    pub(crate) pending: Vec<Vec<u8>>,
+}
+
+impl Outbox {
+    pub(crate) fn push<T: serde::Serialize + 'static>(&mut self, event: &T) {
+        let Some(&index) = self.index.get(&std::any::TypeId::of::<T>()) else {
+            error!(
+                "bevy_synq: {} was published but never registered with ModelApp::add_view_event; dropped",
+                std::any::type_name::<T>()
+            );
+            return;
+        };
+        let mut bytes = index.to_le_bytes().to_vec();
+        match postcard::to_io(event, &mut bytes) {
+            Ok(_) => self.pending.push(bytes),
+            Err(e) => error!("bevy_synq: could not encode {}: {e}", std::any::type_name::<T>()),
+        }
+    }
+}
+
+/// A state hash this replica computed at a snapshot point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashRecord {
+    /// Model time of the snapshot point.
+    pub time: u64,
+    /// The last external sequence number before it.
+    pub seq: u32,
+    /// SHA-256 of the canonical snapshot.
+    pub hash: Hash32,
+}
+
+/// The identities of the session this client is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionIds {
+    /// The session id.
+    pub session: SessionId,
+    /// The persistent id.
+    pub persistent: PersistentId,
+    /// This client's view id.
+    pub view: ViewId,
+}
+
+/// How this replica's model started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartKind {
+    /// A fresh session: the model's init ran.
+    Fresh,
+    /// From the reflector's latest snapshot.
+    Snapshot {
+        /// Model time of the snapshot.
+        time: u64,
+    },
+    /// A seamless rejoin: the running model continued.
+    Resume,
+}
+
+enum Phase {
+    Connecting,
+    AwaitingSync,
+    Running,
+    Failed,
+}
+
+struct PastPoint {
+    time: u64,
+    seq: u32,
+    vote: Hash32,
+    bytes: Arc<Vec<u8>>,
+}
+
+/// The client side of a session. See the module documentation.
+#[derive(Resource)]
+pub struct SynqClient {
+    pub(crate) config: SessionConfig,
+    pub(crate) ids: SessionIds,
+    key: SessionKey,
+    plugin: Arc<dyn ModelPlugin>,
+    settings: WorldSettings,
+    connector: Box<dyn Connector>,
+    connection: Option<Box<dyn Connection>>,
+    phase: Phase,
+    synced: bool,
+    pending: VecDeque<StampedEvent>,
+    target_time: u64,
+    catch_up_from: u64,
+    recent_points: VecDeque<PastPoint>,
+    history: Vec<HashRecord>,
+    pub(crate) status: SynqStatus,
+    started_from: Option<StartKind>,
+    pub(crate) problems: Vec<SynqProblem>,
+    pub(crate) divergences: Vec<DivergenceDetected>,
+}
+
+const KEPT_POINTS: usize = 4;
+const KEPT_HISTORY: usize = 4096;
+
+impl SynqClient {
+    pub(crate) fn new(
+        config: SessionConfig,
+        ids: SessionIds,
+        key: SessionKey,
+        plugin: Arc<dyn ModelPlugin>,
+        seed: [u8; 32],
+        connector: Box<dyn Connector>,
+    ) -> Self {
+        let settings = WorldSettings { step_ms: config.step_ms, seed };
+        Self {
+            config,
+            ids,
+            key,
+            plugin,
+            settings,
+            connector,
+            connection: None,
+            phase: Phase::Connecting,
+            synced: false,
+            pending: VecDeque::new(),
+            target_time: 0,
+            catch_up_from: 0,
+            recent_points: VecDeque::new(),
+            history: Vec::new(),
+            status: SynqStatus::Connecting,
+            started_from: None,
+            problems: Vec::new(),
+            divergences: Vec::new(),
+        }
+    }
+
+    /// The session's ids and this client's view id.
+    pub fn ids(&self) -> SessionIds {
+        self.ids
+    }
+
+    /// The connection state.
+    pub fn status(&self) -> &SynqStatus {
+        &self.status
+    }
+
+    /// Whether this replica has caught up with the session.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The state hashes of the snapshot points this replica passed, oldest first (the last 4096).
+    pub fn hash_history(&self) -> &[HashRecord] {
+        &self.history
+    }
+
+    /// How this replica's model started (`None` before the first sync).
+    pub fn started_from(&self) -> Option<StartKind> {
+        self.started_from
+    }
+
+    /// The latest session time this client heard of from the reflector.
+    pub fn reflector_time(&self) -> u64 {
+        self.target_time
+    }
+
+    fn fail(&mut self, reason: String) {
+        error!("bevy_synq: session {}: {reason}", self.ids.session);
+        self.phase = Phase::Failed;
+        self.synced = false;
+        self.connection = None;
+        self.status = SynqStatus::Disconnected { reason };
+    }
+
+    fn send(&mut self, message: ClientMessage) {
+        if let Some(connection) = self.connection.as_mut() {
+            connection.send(message);
+        }
+    }
+
+    /// Connects if needed and handles everything the reflector sent.
+    pub(crate) fn receive(&mut self, model: &mut ModelWorld) {
+        if matches!(self.phase, Phase::Connecting) {
+            match self.connector.connect() {
+                Ok(connection) => {
+                    self.connection = Some(connection);
+                    let join = Join {
+                        protocol: PROTOCOL_VERSION,
+                        app_id: self.config.app_id.clone(),
+                        api_key: None,
+                        session_id: self.ids.session,
+                        persistent_id: self.ids.persistent,
+                        view_id: self.ids.view,
+                        tick_ms: self.config.tick_ms,
+                        password_check: self.key.password_check(&self.ids.session),
+                        resume_after: None,
+                    };
+                    self.send(ClientMessage::Join(join));
+                    self.phase = Phase::AwaitingSync;
+                }
+                Err(reason) => return self.fail(format!("cannot reach {}: {reason}", self.connector.describe())),
+            }
+        }
+        loop {
+            let Some(connection) = self.connection.as_mut() else { return };
+            let message = match connection.poll() {
+                Ok(Some(message)) => message,
+                Ok(None) => return,
+                Err(reason) => return self.fail(format!("connection lost: {reason}")),
+            };
+            match message.as_ref() {
+                ServerMessage::Sync(sync) => {
+                    if let Err(reason) = self.start(model, sync) {
+                        return self.fail(reason);
+                    }
+                }
+                ServerMessage::Event(event) => {
+                    self.target_time = self.target_time.max(event.time);
+                    self.pending.push_back(event.clone());
+                }
+                ServerMessage::Tick(time) => self.target_time = self.target_time.max(*time),
+                ServerMessage::Tally(tally) => self.tally(tally),
+                ServerMessage::SnapshotAccepted { time, seq } => {
+                    debug!("bevy_synq: snapshot at {time} ms (seq {seq}) stored by the reflector");
+                }
+                ServerMessage::PersistAccepted { .. } | ServerMessage::Pong(_) => {}
+                ServerMessage::Error(error) => {
+                    if error.code.is_final() {
+                        return self.fail(format!("refused by the reflector: {}", error.message));
+                    }
+                    warn!("bevy_synq: reflector: {} ({:?})", error.message, error.code);
+                    if error.code == ErrorCode::BufferFull {
+                        self.problems.push(SynqProblem::Refused(error.message.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, model: &mut ModelWorld, sync: &synq_protocol::wire::Sync) -> Result<(), String> {
+        self.key.verify_password_check(&self.ids.session, &sync.password_check).map_err(|e| e.to_string())?;
+        let policy = self.config.snapshot_policy;
+        self.started_from = Some(match &sync.start {
+            SyncStart::Fresh { .. } => StartKind::Fresh,
+            SyncStart::Snapshot(record) => StartKind::Snapshot { time: record.time },
+            SyncStart::Resume => StartKind::Resume,
+        });
+        let runtime = match &sync.start {
+            SyncStart::Fresh { .. } => {
+                info!("bevy_synq: session {} starts fresh", self.ids.session);
+                ModelRuntime::fresh(self.plugin.clone(), self.settings, policy, |_| {})
+            }
+            SyncStart::Snapshot(record) => {
+                let bytes = self.open_snapshot(record)?;
+                info!(
+                    "bevy_synq: session {} resumes from the snapshot at {} ms ({} bytes), {} events to replay",
+                    self.ids.session,
+                    record.time,
+                    bytes.len(),
+                    sync.events.len()
+                );
+                ModelRuntime::restore(self.plugin.clone(), self.settings, policy, &bytes).map_err(|e| e.to_string())?
+            }
+            SyncStart::Resume => match model.runtime.take() {
+                Some(runtime) => runtime,
+                None => return Err("the reflector offered a resume, but this client has no model".into()),
+            },
+        };
+        self.catch_up_from = runtime.now_ms();
+        model.runtime = Some(runtime);
+        self.pending = sync.events.iter().cloned().collect();
+        self.target_time = sync.time;
+        self.phase = Phase::Running;
+        self.synced = false;
+        self.status = SynqStatus::Syncing { progress: 0.0 };
+        Ok(())
+    }
+
+    fn open_snapshot(&self, record: &SnapshotRecord) -> Result<Vec<u8>, String> {
+        self.key
+            .open(SealKind::Snapshot, &Binding::Session(self.ids.session), &record.data)
+            .map_err(|e| format!("cannot open the session snapshot: {e}"))
+    }
+
+    fn open_external(&self, event: &StampedEvent) -> Result<External, String> {
+        let body = match &event.body {
+            EventBody::View { sender, payload } => {
+                let binding = Binding::SessionView(self.ids.session, *sender);
+                let plaintext = self
+                    .key
+                    .open(SealKind::Event, &binding, payload)
+                    .map_err(|e| format!("event {} from view {sender}: {e}", event.seq))?;
+                ExternalBody::View { sender: *sender, plaintext }
+            }
+            EventBody::Users { joined, left, reset } => {
+                ExternalBody::Users { joined: joined.clone(), left: left.clone(), reset: *reset }
+            }
+            EventBody::SnapshotRequest => ExternalBody::SnapshotRequest,
+        };
+        Ok(External { time: event.time, seq: event.seq, body })
+    }
+
+    /// Executes what the reflector sent: everything when synced, a bounded slice when catching up.
+    pub(crate) fn simulate(&mut self, model: &mut ModelWorld) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let Some(runtime) = model.runtime.as_mut() else { return };
+        let started = Instant::now();
+        let budget = self.config.catch_up;
+        let mut executed = 0usize;
+        let mut failure = None;
+        while let Some(event) = self.pending.front() {
+            if !self.synced && (executed >= budget.max_messages || started.elapsed() >= budget.max_time) {
+                break;
+            }
+            let outcome = self.open_external(event).and_then(|external| {
+                // Skip what a resumed model already executed.
+                if synq_protocol::seq_le(external.seq, runtime.last_seq()) && runtime.now_ms() >= external.time {
+                    return Ok(());
+                }
+                runtime.execute(external).map_err(|e| e.to_string())
+            });
+            if let Err(reason) = outcome {
+                failure = Some(reason);
+                break;
+            }
+            self.pending.pop_front();
+            executed += 1;
+        }
+        if failure.is_none() && self.pending.is_empty() {
+            if self.synced {
+                runtime.advance_to(self.target_time);
+            } else {
+                // Fast-forward through quiet time in slices too.
+                let step = u64::from(self.config.step_ms).max(1);
+                while runtime.now_ms() < self.target_time && started.elapsed() < budget.max_time {
+                    let next = (runtime.now_ms() + step * 64).min(self.target_time);
+                    runtime.advance_to(next);
+                }
+            }
+        }
+        let now = runtime.now_ms();
+        let caught_up = self.pending.is_empty() && now >= self.target_time;
+        if !self.synced {
+            if caught_up && runtime.views().contains(self.ids.view) {
+                self.synced = true;
+                self.status = SynqStatus::Synced;
+                info!("bevy_synq: view {} synced at {} ms", self.ids.view, now);
+            } else {
+                let span = self.target_time.saturating_sub(self.catch_up_from).max(1);
+                let progress = (now.saturating_sub(self.catch_up_from) as f32 / span as f32).clamp(0.0, 1.0);
+                self.status = SynqStatus::Syncing { progress };
+            }
+        }
+        self.after_simulation(model);
+        if let Some(reason) = failure {
+            self.fail(format!("the model cannot continue: {reason}"));
+        }
+    }
+
+    fn after_simulation(&mut self, model: &mut ModelWorld) {
+        let Some(runtime) = model.runtime.as_mut() else { return };
+        let points = std::mem::take(&mut runtime.points);
+        let problems = std::mem::take(&mut runtime.problems);
+        for point in points {
+            self.history.push(HashRecord { time: point.time, seq: point.seq, hash: point.hash });
+            if self.history.len() > KEPT_HISTORY {
+                self.history.remove(0);
+            }
+            let vote = self.key.vote_digest(&point.hash);
+            if self.synced {
+                self.send(ClientMessage::HashVote(HashVote { time: point.time, seq: point.seq, vote }));
+            }
+            self.recent_points.push_back(PastPoint { time: point.time, seq: point.seq, vote, bytes: point.bytes });
+            if self.recent_points.len() > KEPT_POINTS {
+                self.recent_points.pop_front();
+            }
+        }
+        for problem in problems {
+            match &problem {
+                ModelProblem::UnregisteredComponents(names) => error!(
+                    "bevy_synq: model entities carry unregistered components {names:?}: they are not in the snapshot \
+                     and vanish at every snapshot point; register them with ModelApp::register_component"
+                ),
+                other => warn!("bevy_synq: {other:?}"),
+            }
+            self.problems.push(SynqProblem::Model(problem));
+        }
+    }
+
+    fn tally(&mut self, tally: &Tally) {
+        if tally.groups.len() > 1 {
+            let groups: Vec<Vec<ViewId>> = tally.groups.iter().map(|g| g.views.clone()).collect();
+            let described: Vec<String> = tally
+                .groups
+                .iter()
+                .map(|g| {
+                    let views: Vec<String> = g.views.iter().map(ToString::to_string).collect();
+                    format!("{}… [{}]", &synq_protocol::ids::base64url(&g.vote)[..8], views.join(", "))
+                })
+                .collect();
+            error!(
+                "bevy_synq: session {} diverged at model time {} ms (seq {}): {} groups of replicas: {}",
+                self.ids.session,
+                tally.time,
+                tally.seq,
+                tally.groups.len(),
+                described.join(" | ")
+            );
+            let in_consensus = tally.groups[0].views.contains(&self.ids.view);
+            self.divergences.push(DivergenceDetected { time: tally.time, seq: tally.seq, groups, in_consensus });
+        }
+        if tally.uploader == Some(self.ids.view) {
+            let Some(point) = self.recent_points.iter().find(|p| p.time == tally.time && p.seq == tally.seq) else {
+                return;
+            };
+            let data = self.key.seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
+            let record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data };
+            self.send(ClientMessage::SnapshotUpload(record));
+        }
+    }
+
+    /// Seals and sends the view events published this frame.
+    pub(crate) fn flush(&mut self, outbox: &mut Outbox) {
+        if self.connection.is_none() || matches!(self.phase, Phase::Failed | Phase::Connecting) {
+            return;
+        }
+        for plaintext in outbox.pending.drain(..) {
+            let binding = Binding::SessionView(self.ids.session, self.ids.view);
+            let sealed = self.key.seal(SealKind::Event, &binding, &plaintext);
+            if let Some(connection) = self.connection.as_mut() {
+                connection.send(ClientMessage::Event(sealed));
+            }
+        }
+    }
+}

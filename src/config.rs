@@ -1,0 +1,78 @@
+//! How a client joins a session.
+
+use std::time::Duration;
+use synq_protocol::ViewId;
+use synq_protocol::crypto::KdfParams;
+
+use crate::model::SnapshotPolicy;
+
+/// Everything that identifies a session and how this client takes part in it.
+///
+/// `app_id`, `name`, the model code, `step_ms` and `snapshot_policy` make up the session's
+/// identity: clients that differ in any of them are in different sessions. The password never
+/// leaves the client.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Reverse-DNS app id, e.g. `io.example.multiblaster`.
+    pub app_id: String,
+    /// Session name; with the app id it makes the persistent id.
+    pub name: String,
+    /// Session password: the session key is derived from it. Never sent anywhere.
+    pub password: String,
+    /// Argon2id parameters for the key ([`KdfParams::RECOMMENDED`] unless testing).
+    pub kdf: KdfParams,
+    /// The model's fixed step in ms of model time (default 50, i.e. 20 Hz).
+    pub step_ms: u32,
+    /// Heartbeat tick period requested from the reflector, in ms (default 50).
+    pub tick_ms: u32,
+    /// When snapshot points happen.
+    pub snapshot_policy: SnapshotPolicy,
+    /// How much catching up a late joiner does per frame.
+    pub catch_up: CatchUpBudget,
+    /// This client's view id; random when `None`.
+    pub view_id: Option<ViewId>,
+    /// Source text of the model code, fed into the code hash: any change makes a new session.
+    pub model_sources: Vec<(String, String)>,
+    /// Forces the code hash (debugging only: join a session of other code on purpose).
+    pub code_hash_override: Option<synq_protocol::CodeHash>,
+}
+
+impl SessionConfig {
+    /// A session of `app_id` named `name`, with `password`.
+    pub fn new(app_id: impl Into<String>, name: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            app_id: app_id.into(),
+            name: name.into(),
+            password: password.into(),
+            kdf: KdfParams::RECOMMENDED,
+            step_ms: 50,
+            tick_ms: 50,
+            snapshot_policy: SnapshotPolicy::default(),
+            catch_up: CatchUpBudget::default(),
+            view_id: None,
+            model_sources: Vec::new(),
+            code_hash_override: None,
+        }
+    }
+
+    /// Feeds model source text into the code hash, typically `include_str!("model.rs")`.
+    pub fn with_model_source(mut self, name: impl Into<String>, text: impl Into<String>) -> Self {
+        self.model_sources.push((name.into(), text.into()));
+        self
+    }
+}
+
+/// How much of a late joiner's backlog is executed per frame, so the app stays responsive.
+#[derive(Clone, Copy, Debug)]
+pub struct CatchUpBudget {
+    /// At most this many external messages per frame while catching up.
+    pub max_messages: usize,
+    /// At most this much wall time per frame while catching up.
+    pub max_time: Duration,
+}
+
+impl Default for CatchUpBudget {
+    fn default() -> Self {
+        Self { max_messages: 5_000, max_time: Duration::from_millis(8) }
+    }
+}

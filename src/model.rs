@@ -1,0 +1,18 @@
+//! The model: a deterministic Bevy `World` of its own, stepped only by the reflector.
+
+pub(crate) mod app;
+pub(crate) mod events;
+pub(crate) mod ids;
+pub(crate) mod registry;
+pub(crate) mod rng;
+pub(crate) mod runtime;
+pub(crate) mod time;
+pub(crate) mod timers;
+
+pub use app::{ModelApp, ModelPlugin};
+pub use events::{FromView, ToView, ViewExited, ViewJoined};
+pub use ids::{ModelEntities, ModelId};
+pub use rng::ModelRng;
+pub use runtime::{ModelProblem, ModelRuntime, ModelViews, RuntimeError, SnapshotPoint, SnapshotPolicy};
+pub use time::{ModelInit, ModelTime, ModelUpdate};
+pub use timers::{ModelTimers, TimerId};

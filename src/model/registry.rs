@@ -1,0 +1,167 @@
+//! The registered model types, type-erased, in registration order.
+//!
+//! The registry is what lets the snapshot encode and rebuild a model world it knows nothing about
+//! at compile time, and what lets the runtime decode view events and timers. Its order is fixed by
+//! the app's [`ModelPlugin`](crate::ModelPlugin) and is part of the model code hash.
+
+use bevy::ecs::world::{EntityRef, EntityWorldMut};
+use bevy::prelude::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::any::{Any, TypeId, type_name};
+use synq_protocol::ViewId;
+
+use super::events::FromView;
+
+pub(crate) type DecodeResult<'a> = Result<&'a [u8], postcard::Error>;
+
+/// Encodes and restores one registered component type.
+pub(crate) struct ComponentEntry {
+    pub name: &'static str,
+    pub type_id: TypeId,
+    /// Appends the component's encoding if the entity has it; returns whether it did.
+    pub encode: fn(&EntityRef, &mut Vec<u8>) -> Result<bool, postcard::Error>,
+    /// Decodes one value from the front of the bytes and inserts it.
+    pub insert: for<'a> fn(&'a [u8], &mut EntityWorldMut) -> DecodeResult<'a>,
+}
+
+/// Encodes and restores one registered resource type.
+pub(crate) struct ResourceEntry {
+    pub name: &'static str,
+    pub encode: fn(&World, &mut Vec<u8>) -> Result<bool, postcard::Error>,
+    pub insert: for<'a> fn(&'a [u8], &mut World) -> DecodeResult<'a>,
+    pub remove: fn(&mut World),
+}
+
+/// Decodes a view event and triggers it in the model world.
+pub(crate) struct ViewEventEntry {
+    pub name: &'static str,
+    pub type_id: TypeId,
+    pub trigger: fn(&mut World, ViewId, &[u8]) -> Result<(), postcard::Error>,
+}
+
+/// Decodes a timer event and triggers it in the model world.
+pub(crate) struct TimerEntry {
+    pub name: &'static str,
+    pub trigger: fn(&mut World, &[u8]) -> Result<(), postcard::Error>,
+}
+
+/// Registers a model → view message type in the app and delivers values of it.
+pub(crate) struct ViewMessageEntry {
+    pub name: &'static str,
+    pub add_to_app: fn(&mut App),
+    pub deliver: fn(&mut World, Box<dyn Any + Send + Sync>),
+}
+
+/// Everything a model registered, in order.
+#[derive(Default)]
+pub(crate) struct ModelRegistry {
+    pub components: Vec<ComponentEntry>,
+    pub resources: Vec<ResourceEntry>,
+    pub view_events: Vec<ViewEventEntry>,
+    pub timers: Vec<TimerEntry>,
+    pub view_messages: Vec<ViewMessageEntry>,
+    /// `(kind, type name)` of every registration, in order: part of the code hash.
+    pub signature: Vec<(&'static str, &'static str)>,
+}
+
+impl ModelRegistry {
+    pub fn component<T: Component + Serialize + DeserializeOwned>(&mut self) -> bool {
+        if self.components.iter().any(|c| c.type_id == TypeId::of::<T>()) {
+            return false;
+        }
+        self.signature.push(("component", type_name::<T>()));
+        self.components.push(ComponentEntry {
+            name: type_name::<T>(),
+            type_id: TypeId::of::<T>(),
+            encode: |entity, out| match entity.get::<T>() {
+                Some(value) => postcard::to_io(value, out).map(|_| true),
+                None => Ok(false),
+            },
+            insert: |bytes, entity| {
+                let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
+                entity.insert(value);
+                Ok(rest)
+            },
+        });
+        true
+    }
+
+    pub fn resource<T: Resource + Serialize + DeserializeOwned>(&mut self) -> bool {
+        if self.resources.iter().any(|r| r.name == type_name::<T>()) {
+            return false;
+        }
+        self.signature.push(("resource", type_name::<T>()));
+        self.resources.push(ResourceEntry {
+            name: type_name::<T>(),
+            encode: |world, out| match world.get_resource::<T>() {
+                Some(value) => postcard::to_io(value, out).map(|_| true),
+                None => Ok(false),
+            },
+            insert: |bytes, world| {
+                let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
+                world.insert_resource(value);
+                Ok(rest)
+            },
+            remove: |world| {
+                world.remove_resource::<T>();
+            },
+        });
+        true
+    }
+
+    pub fn view_event<T: Serialize + DeserializeOwned + Send + Sync + 'static>(&mut self) -> bool {
+        if self.view_events.iter().any(|e| e.type_id == TypeId::of::<T>()) {
+            return false;
+        }
+        self.signature.push(("view event", type_name::<T>()));
+        self.view_events.push(ViewEventEntry {
+            name: type_name::<T>(),
+            type_id: TypeId::of::<T>(),
+            trigger: |world, view, bytes| {
+                let event: T = postcard::from_bytes(bytes)?;
+                world.trigger(FromView { view, event });
+                Ok(())
+            },
+        });
+        true
+    }
+
+    pub fn timer<T: Event + Serialize + DeserializeOwned>(&mut self) -> bool
+    where
+        for<'a> T::Trigger<'a>: Default,
+    {
+        if self.timers.iter().any(|t| t.name == type_name::<T>()) {
+            return false;
+        }
+        self.signature.push(("timer", type_name::<T>()));
+        self.timers.push(TimerEntry {
+            name: type_name::<T>(),
+            trigger: |world, bytes| {
+                let event: T = postcard::from_bytes(bytes)?;
+                world.trigger(event);
+                Ok(())
+            },
+        });
+        true
+    }
+
+    pub fn view_message<T: Message>(&mut self) -> bool {
+        if self.view_messages.iter().any(|m| m.name == type_name::<T>()) {
+            return false;
+        }
+        self.signature.push(("view message", type_name::<T>()));
+        self.view_messages.push(ViewMessageEntry {
+            name: type_name::<T>(),
+            add_to_app: |app| {
+                app.add_message::<T>();
+            },
+            deliver: |world, message| {
+                if let Ok(message) = message.downcast::<T>() {
+                    world.write_message(*message);
+                }
+            },
+        });
+        true
+    }
+}

@@ -1,0 +1,436 @@
+//! The model runtime: one replica's model world, stepped only by external messages and its own
+//! future messages, with snapshot points at which it rebuilds itself canonically.
+
+use bevy::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use synq_protocol::{Hash32, INITIAL_SEQ, ViewId};
+
+use super::app::{ModelApp, ModelPlugin, WorldSettings};
+use super::events::{ViewExited, ViewJoined, ViewOutbox};
+use super::ids::ModelId;
+use super::registry::ModelRegistry;
+use super::time::{FutureKind, FutureQueue, ModelInit, ModelTime, ModelUpdate};
+use crate::snapshot::{self, SnapshotError};
+
+/// The views currently in the session, as the model knows them (from join/leave notices).
+/// Part of the snapshot.
+#[derive(Resource, Debug, Default, Clone)]
+pub struct ModelViews {
+    pub(crate) views: BTreeSet<ViewId>,
+}
+
+impl ModelViews {
+    /// Whether this view is in the session.
+    pub fn contains(&self, view: ViewId) -> bool {
+        self.views.contains(&view)
+    }
+
+    /// The views in the session, in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = ViewId> + '_ {
+        self.views.iter().copied()
+    }
+
+    /// Number of views in the session.
+    pub fn len(&self) -> usize {
+        self.views.len()
+    }
+
+    /// Whether no view is in the session.
+    pub fn is_empty(&self) -> bool {
+        self.views.is_empty()
+    }
+}
+
+/// When the next snapshot point comes. Part of the snapshot.
+#[derive(Resource, Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SnapshotBook {
+    pub last_external_seq: u32,
+    pub last_snapshot_time: u64,
+    pub externals_since: u32,
+    pub requested: bool,
+}
+
+/// When snapshot points happen. Part of the session's identity: every replica must use the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SnapshotPolicy {
+    /// A snapshot point after this many milliseconds of model time since the last one.
+    pub every_ms: u64,
+    /// Or after this many external messages since the last one, whichever comes first.
+    pub every_events: u32,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self { every_ms: 10_000, every_events: 2_000 }
+    }
+}
+
+/// An external message, opened: what the reflector stamped, with the payload decrypted.
+#[derive(Debug, Clone)]
+pub(crate) struct External {
+    pub time: u64,
+    pub seq: u32,
+    pub body: ExternalBody,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ExternalBody {
+    View { sender: ViewId, plaintext: Vec<u8> },
+    Users { joined: Vec<ViewId>, left: Vec<ViewId>, reset: bool },
+    SnapshotRequest,
+}
+
+/// A snapshot point this replica passed: its time, position and state hash, and the bytes.
+#[derive(Debug, Clone)]
+pub struct SnapshotPoint {
+    /// Model time of the point.
+    pub time: u64,
+    /// The last external sequence number executed before it.
+    pub seq: u32,
+    /// SHA-256 of the canonical snapshot.
+    pub hash: Hash32,
+    /// The canonical snapshot.
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// Something in the model that the app should hear about; the same on every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelProblem {
+    /// A view event could not be decoded (unknown type or bad encoding); it was skipped.
+    BadViewEvent {
+        /// Who sent it.
+        sender: ViewId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A timer's event could not be decoded; it was skipped.
+    BadTimer(String),
+    /// Model entities carry components that are not registered: they are not part of the
+    /// snapshot and vanish at every snapshot point.
+    UnregisteredComponents(Vec<String>),
+    /// Entities with no registered component at all exist in the model world: they are not part
+    /// of the snapshot and vanish at every snapshot point.
+    UntrackedEntities(Vec<String>),
+    /// The snapshot could not be encoded; the model keeps running without this snapshot point.
+    SnapshotFailed(String),
+}
+
+/// Why the runtime refused an external message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// An external message is missing: the reflector's sequence has a gap.
+    #[error("external message gap: expected sequence {expected}, got {got}")]
+    Gap {
+        /// The sequence number that should have come.
+        expected: u32,
+        /// The one that came.
+        got: u32,
+    },
+    /// An external message is stamped before the model's current time.
+    #[error("external message at {got} ms is earlier than model time {now} ms")]
+    TimeWentBack {
+        /// Model time.
+        now: u64,
+        /// The message's time.
+        got: u64,
+    },
+}
+
+/// One replica's model.
+pub struct ModelRuntime {
+    world: World,
+    plugin: Arc<dyn ModelPlugin>,
+    registry: Arc<ModelRegistry>,
+    settings: WorldSettings,
+    policy: SnapshotPolicy,
+    /// Snapshot points passed since the owner last drained them.
+    pub(crate) points: Vec<SnapshotPoint>,
+    /// Problems found since the owner last drained them.
+    pub(crate) problems: Vec<ModelProblem>,
+    reported: BTreeSet<String>,
+}
+
+impl ModelRuntime {
+    fn build(plugin: &Arc<dyn ModelPlugin>, settings: WorldSettings) -> (World, ModelRegistry) {
+        let app = ModelApp::build(settings, plugin.as_ref());
+        (app.world, app.registry)
+    }
+
+    /// A model that starts fresh: built, initialised by [`ModelInit`] at time 0, then passed
+    /// through its first snapshot point.
+    pub(crate) fn fresh(
+        plugin: Arc<dyn ModelPlugin>,
+        settings: WorldSettings,
+        policy: SnapshotPolicy,
+        init: impl FnOnce(&mut World),
+    ) -> Self {
+        let (mut world, registry) = Self::build(&plugin, settings);
+        world.resource_mut::<SnapshotBook>().last_external_seq = INITIAL_SEQ;
+        init(&mut world);
+        world.run_schedule(ModelInit);
+        world.flush();
+        world.resource_mut::<FutureQueue>().push(0, FutureKind::Step);
+        let mut runtime = Self {
+            world,
+            plugin,
+            registry: Arc::new(registry),
+            settings,
+            policy,
+            points: Vec::new(),
+            problems: Vec::new(),
+            reported: BTreeSet::new(),
+        };
+        runtime.snapshot_point();
+        runtime
+    }
+
+    /// A model restored from a snapshot.
+    pub(crate) fn restore(
+        plugin: Arc<dyn ModelPlugin>,
+        settings: WorldSettings,
+        policy: SnapshotPolicy,
+        bytes: &[u8],
+    ) -> Result<Self, SnapshotError> {
+        let (mut world, registry) = Self::build(&plugin, settings);
+        snapshot::restore(bytes, &mut world, &registry)?;
+        Ok(Self {
+            world,
+            plugin,
+            registry: Arc::new(registry),
+            settings,
+            policy,
+            points: Vec::new(),
+            problems: Vec::new(),
+            reported: BTreeSet::new(),
+        })
+    }
+
+    /// The model world, read-only.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Model time in ms.
+    pub fn now_ms(&self) -> u64 {
+        self.world.resource::<ModelTime>().now_ms
+    }
+
+    /// The last external sequence number executed.
+    pub fn last_seq(&self) -> u32 {
+        self.world.resource::<SnapshotBook>().last_external_seq
+    }
+
+    /// The views the model knows.
+    pub fn views(&self) -> &ModelViews {
+        self.world.resource::<ModelViews>()
+    }
+
+    /// Encodes the current state canonically (without rebuilding).
+    pub fn capture(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        snapshot::capture(&mut self.world, &self.registry)
+    }
+
+    /// The hash of the current state.
+    pub fn state_hash(&mut self) -> Result<Hash32, SnapshotError> {
+        self.capture().map(|bytes| snapshot::state_hash(&bytes))
+    }
+
+    /// Takes the model → view messages produced so far.
+    pub(crate) fn take_view_messages(&mut self) -> Vec<(u16, Box<dyn std::any::Any + Send + Sync>)> {
+        std::mem::take(&mut self.world.resource_mut::<ViewOutbox>().messages)
+    }
+
+    /// Delivers a model → view message into the app's world.
+    pub(crate) fn deliver_view_message(
+        &self,
+        app_world: &mut World,
+        index: u16,
+        message: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Some(entry) = self.registry.view_messages.get(usize::from(index)) {
+            (entry.deliver)(app_world, message);
+        }
+    }
+
+    /// Runs every future message due up to `time`, then sets model time to `time`.
+    pub(crate) fn advance_to(&mut self, time: u64) {
+        loop {
+            let Some(message) = self.world.resource_mut::<FutureQueue>().pop_due(time) else { break };
+            self.set_time(message.time);
+            match message.kind {
+                FutureKind::Step => {
+                    let step_ms = u64::from(self.settings.step_ms);
+                    self.world.resource_mut::<FutureQueue>().push(message.time + step_ms, FutureKind::Step);
+                    self.world.run_schedule(ModelUpdate);
+                    self.world.resource_mut::<ModelTime>().steps += 1;
+                }
+                FutureKind::Timer { event, payload } => {
+                    let registry = self.registry.clone();
+                    let outcome = match registry.timers.get(usize::from(event)) {
+                        Some(entry) => {
+                            (entry.trigger)(&mut self.world, &payload).map_err(|e| format!("{}: {e}", entry.name))
+                        }
+                        None => Err(format!("unknown timer event #{event}")),
+                    };
+                    if let Err(reason) = outcome {
+                        self.problems.push(ModelProblem::BadTimer(reason));
+                    }
+                }
+            }
+            self.world.flush();
+            self.after_message();
+        }
+        if time > self.now_ms() {
+            self.set_time(time);
+        }
+    }
+
+    /// Executes one external message: first every future message due by its time, then it.
+    pub(crate) fn execute(&mut self, external: External) -> Result<(), RuntimeError> {
+        let expected = self.last_seq().wrapping_add(1);
+        if external.seq != expected {
+            return Err(RuntimeError::Gap { expected, got: external.seq });
+        }
+        if external.time < self.now_ms() {
+            return Err(RuntimeError::TimeWentBack { now: self.now_ms(), got: external.time });
+        }
+        self.advance_to(external.time);
+        {
+            let mut book = self.world.resource_mut::<SnapshotBook>();
+            book.last_external_seq = external.seq;
+            book.externals_since += 1;
+        }
+        match external.body {
+            ExternalBody::View { sender, plaintext } => self.view_event(sender, &plaintext),
+            ExternalBody::Users { joined, left, reset } => self.users(joined, left, reset),
+            ExternalBody::SnapshotRequest => self.world.resource_mut::<SnapshotBook>().requested = true,
+        }
+        self.world.flush();
+        self.after_message();
+        Ok(())
+    }
+
+    fn set_time(&mut self, time: u64) {
+        self.world.resource_mut::<ModelTime>().now_ms = time;
+    }
+
+    fn view_event(&mut self, sender: ViewId, plaintext: &[u8]) {
+        let registry = self.registry.clone();
+        let outcome = match plaintext {
+            [lo, hi, payload @ ..] => {
+                let index = u16::from_le_bytes([*lo, *hi]);
+                match registry.view_events.get(usize::from(index)) {
+                    Some(entry) => {
+                        (entry.trigger)(&mut self.world, sender, payload).map_err(|e| format!("{}: {e}", entry.name))
+                    }
+                    None => Err(format!("unknown view event type #{index}")),
+                }
+            }
+            _ => Err("empty event".to_string()),
+        };
+        if let Err(reason) = outcome {
+            self.problems.push(ModelProblem::BadViewEvent { sender, reason });
+        }
+    }
+
+    fn users(&mut self, joined: Vec<ViewId>, left: Vec<ViewId>, reset: bool) {
+        let mut exits: Vec<ViewId> = left;
+        if reset {
+            let stale = self.world.resource::<ModelViews>().views.iter().filter(|v| !joined.contains(v)).copied();
+            exits.extend(stale.collect::<Vec<_>>());
+        }
+        for view in exits {
+            if self.world.resource_mut::<ModelViews>().views.remove(&view) {
+                self.world.trigger(ViewExited { view });
+                self.world.flush();
+            }
+        }
+        for view in joined {
+            if self.world.resource_mut::<ModelViews>().views.insert(view) {
+                self.world.trigger(ViewJoined { view });
+                self.world.flush();
+            }
+        }
+    }
+
+    fn after_message(&mut self) {
+        let now = self.now_ms();
+        let book = self.world.resource::<SnapshotBook>();
+        let due = book.requested
+            || now.saturating_sub(book.last_snapshot_time) >= self.policy.every_ms
+            || book.externals_since >= self.policy.every_events;
+        if due {
+            self.snapshot_point();
+        }
+    }
+
+    /// A snapshot point: encode, hash, and rebuild the world from the encoding.
+    fn snapshot_point(&mut self) {
+        let now = self.now_ms();
+        {
+            let mut book = self.world.resource_mut::<SnapshotBook>();
+            book.last_snapshot_time = now;
+            book.externals_since = 0;
+            book.requested = false;
+        }
+        self.check_untracked_state();
+        let bytes = match self.capture() {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                self.problems.push(ModelProblem::SnapshotFailed(error.to_string()));
+                return;
+            }
+        };
+        let hash = snapshot::state_hash(&bytes);
+        // Carry the undelivered view messages over the rebuild.
+        let pending = self.take_view_messages();
+        let (mut world, registry) = Self::build(&self.plugin, self.settings);
+        match snapshot::restore(&bytes, &mut world, &registry) {
+            Ok(()) => {
+                self.world = world;
+                self.world.resource_mut::<ViewOutbox>().messages = pending;
+            }
+            Err(error) => {
+                // Encoding and decoding disagree: a bug in a registered type's serde impls.
+                self.problems.push(ModelProblem::SnapshotFailed(format!("the snapshot does not restore: {error}")));
+                self.world.resource_mut::<ViewOutbox>().messages = pending;
+                return;
+            }
+        }
+        let seq = self.last_seq();
+        self.points.push(SnapshotPoint { time: now, seq, hash, bytes: Arc::new(bytes) });
+    }
+
+    /// Reports model state that the snapshot cannot carry (once per kind).
+    fn check_untracked_state(&mut self) {
+        let components = self.world.components();
+        let model_id = components.component_id::<ModelId>();
+        let registered: Vec<_> = self.registry.components.iter().filter_map(|c| components.get_id(c.type_id)).collect();
+        let mut unregistered = BTreeSet::new();
+        let mut untracked = BTreeSet::new();
+        for archetype in self.world.archetypes().iter().filter(|a| !a.is_empty()) {
+            let names = || archetype.iter_components().filter_map(|id| components.get_name(id)).map(|n| n.to_string());
+            if model_id.is_some_and(|id| archetype.contains(id)) {
+                for id in archetype.iter_components() {
+                    if Some(id) != model_id && !registered.contains(&id) {
+                        if let Some(name) = components.get_name(id) {
+                            unregistered.insert(name.to_string());
+                        }
+                    }
+                }
+            } else if names().all(|n| !n.starts_with("bevy_ecs::")) {
+                untracked.insert(names().collect::<Vec<_>>().join(", "));
+            }
+        }
+        let unregistered: Vec<_> = unregistered.into_iter().filter(|n| self.reported.insert(n.clone())).collect();
+        if !unregistered.is_empty() {
+            self.problems.push(ModelProblem::UnregisteredComponents(unregistered));
+        }
+        let untracked: Vec<_> = untracked.into_iter().filter(|n| self.reported.insert(n.clone())).collect();
+        if !untracked.is_empty() {
+            self.problems.push(ModelProblem::UntrackedEntities(untracked));
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Snapshots: the canonical encoding of a whole model world, its hash, and the rebuild.
+//!
+//! The encoding is a pure function of the model's state, never of its history: entities are
+//! written sorted by [`ModelId`], components and resources in registration order, each value with
+//! postcard. Two replicas in the same state produce the same bytes, and rebuilding from those
+//! bytes gives structurally identical worlds (same entity ids, archetypes and iteration order),
+//! which is why every replica — not only a late joiner — rebuilds at each snapshot point.
+//!
+//! Layout: `b"SYNQSNAP"`, format version (u16 LE), the registry fingerprint (32 bytes), the
+//! runtime's own state, the registered resources (a presence byte each), the entity count, then
+//! per entity its id, a presence bitmask and its components.
+
+use bevy::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+
+use crate::model::ids::{ModelId, ModelIdAllocator};
+use crate::model::registry::ModelRegistry;
+use crate::model::rng::ModelRng;
+use crate::model::runtime::{ModelViews, SnapshotBook};
+use crate::model::time::{FutureQueue, ModelTime};
+use synq_protocol::Hash32;
+
+const MAGIC: &[u8; 8] = b"SYNQSNAP";
+const FORMAT: u16 = 1;
+
+/// Why a snapshot could not be taken or restored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// A registered type failed to serialize.
+    #[error("could not encode {what}: {source}")]
+    Encode {
+        /// Which type.
+        what: String,
+        /// The serializer's error.
+        source: postcard::Error,
+    },
+    /// The bytes are not a snapshot of this model.
+    #[error("not a snapshot of this model: {0}")]
+    Foreign(String),
+    /// The bytes are damaged or were written by other model code.
+    #[error("could not decode {what} from the snapshot: {source}")]
+    Decode {
+        /// What was being decoded.
+        what: String,
+        /// The deserializer's error.
+        source: postcard::Error,
+    },
+}
+
+/// The runtime's own state, written first.
+#[derive(Serialize, Deserialize)]
+struct RuntimeState {
+    time: ModelTime,
+    rng: ModelRng,
+    queue: FutureQueue,
+    views: BTreeSet<synq_protocol::ViewId>,
+    ids: ModelIdAllocator,
+    book: SnapshotBook,
+}
+
+/// The fingerprint of a registry: the hash of its registrations in order.
+pub(crate) fn fingerprint(registry: &ModelRegistry) -> Hash32 {
+    let mut hasher = Sha256::new();
+    for (kind, name) in &registry.signature {
+        hasher.update(kind.as_bytes());
+        hasher.update([0]);
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+    }
+    hasher.finalize().into()
+}
+
+/// SHA-256 of snapshot bytes: the state hash replicas compare.
+pub fn state_hash(bytes: &[u8]) -> Hash32 {
+    Sha256::digest(bytes).into()
+}
+
+fn encode_err(what: &str) -> impl FnOnce(postcard::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Encode { what: what.to_string(), source }
+}
+
+/// Encodes the whole model world canonically.
+pub(crate) fn capture(world: &mut World, registry: &ModelRegistry) -> Result<Vec<u8>, SnapshotError> {
+    let mut entities: Vec<(ModelId, Entity)> = {
+        let mut query = world.query::<(Entity, &ModelId)>();
+        query.iter(world).map(|(entity, id)| (*id, entity)).collect()
+    };
+    entities.sort_unstable_by_key(|(id, _)| *id);
+    let world: &World = world;
+
+    let mut out = Vec::with_capacity(64 + entities.len() * 32);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT.to_le_bytes());
+    out.extend_from_slice(&fingerprint(registry));
+    let state = RuntimeState {
+        time: *world.resource::<ModelTime>(),
+        rng: world.resource::<ModelRng>().clone(),
+        queue: world.resource::<FutureQueue>().clone(),
+        views: world.resource::<ModelViews>().views.clone(),
+        ids: *world.resource::<ModelIdAllocator>(),
+        book: world.resource::<SnapshotBook>().clone(),
+    };
+    postcard::to_io(&state, &mut out).map_err(encode_err("the runtime state"))?;
+
+    for entry in &registry.resources {
+        let at = out.len();
+        out.push(0);
+        if (entry.encode)(world, &mut out).map_err(encode_err(entry.name))? {
+            out[at] = 1;
+        }
+    }
+
+    postcard::to_io(&(entities.len() as u64), &mut out).map_err(encode_err("the entity count"))?;
+    let mask_len = registry.components.len().div_ceil(8);
+    for (id, entity) in entities {
+        let entity = world.entity(entity);
+        postcard::to_io(&id.0, &mut out).map_err(encode_err("a model id"))?;
+        let mask_at = out.len();
+        out.resize(mask_at + mask_len, 0);
+        for (i, entry) in registry.components.iter().enumerate() {
+            if (entry.encode)(&entity, &mut out).map_err(encode_err(entry.name))? {
+                out[mask_at + i / 8] |= 1 << (i % 8);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn decode_err(what: &str) -> impl FnOnce(postcard::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Decode { what: what.to_string(), source }
+}
+
+/// Restores a snapshot into a freshly built model world (built by the same model plugin).
+pub(crate) fn restore(bytes: &[u8], world: &mut World, registry: &ModelRegistry) -> Result<(), SnapshotError> {
+    if bytes.len() < 42 || &bytes[..8] != MAGIC {
+        return Err(SnapshotError::Foreign("missing snapshot header".into()));
+    }
+    let format = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if format != FORMAT {
+        return Err(SnapshotError::Foreign(format!("snapshot format {format}, this build reads {FORMAT}")));
+    }
+    if bytes[10..42] != fingerprint(registry) {
+        return Err(SnapshotError::Foreign("it was written by a model with other registered types".into()));
+    }
+    let (state, mut rest) =
+        postcard::take_from_bytes::<RuntimeState>(&bytes[42..]).map_err(decode_err("runtime state"))?;
+    world.insert_resource(state.time);
+    world.insert_resource(state.rng);
+    world.insert_resource(state.queue);
+    world.resource_mut::<ModelViews>().views = state.views;
+    world.insert_resource(state.ids);
+    world.insert_resource(state.book);
+
+    for entry in &registry.resources {
+        let (&present, after) = rest.split_first().ok_or_else(|| SnapshotError::Foreign("truncated".into()))?;
+        rest = after;
+        match present {
+            0 => (entry.remove)(world),
+            1 => rest = (entry.insert)(rest, world).map_err(decode_err(entry.name))?,
+            _ => return Err(SnapshotError::Foreign(format!("bad presence byte for {}", entry.name))),
+        }
+    }
+
+    let (count, after) = postcard::take_from_bytes::<u64>(rest).map_err(decode_err("the entity count"))?;
+    rest = after;
+    let mask_len = registry.components.len().div_ceil(8);
+    // Each entity takes at least a byte, so the count can be checked before allocating anything.
+    if count as usize > rest.len() {
+        return Err(SnapshotError::Foreign(format!("claims {count} entities in {} bytes", rest.len())));
+    }
+    for _ in 0..count {
+        let (raw_id, after) = postcard::take_from_bytes::<u64>(rest).map_err(decode_err("a model id"))?;
+        if after.len() < mask_len || raw_id == 0 {
+            return Err(SnapshotError::Foreign("truncated entity".into()));
+        }
+        let (mask, mut values) = after.split_at(mask_len);
+        let mut entity = world.spawn(ModelId(raw_id));
+        for (i, entry) in registry.components.iter().enumerate() {
+            if mask[i / 8] & (1 << (i % 8)) != 0 {
+                values = (entry.insert)(values, &mut entity).map_err(decode_err(entry.name))?;
+            }
+        }
+        rest = values;
+    }
+    if !rest.is_empty() {
+        return Err(SnapshotError::Foreign(format!("{} trailing bytes", rest.len())));
+    }
+    world.flush();
+    Ok(())
+}

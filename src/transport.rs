@@ -1,0 +1,45 @@
+//! How a client reaches its reflector.
+//!
+//! A [`Connector`] opens [`Connection`]s; the client reconnects through it. The in-process
+//! transport (crossbeam channels) is implemented here; a network transport implements the same
+//! two traits.
+
+use std::sync::Arc;
+use synq_protocol::wire::{ClientMessage, ServerMessage};
+use synq_reflector::inproc::{InProcessConnection, InProcessHandle};
+
+/// An open connection to a reflector.
+pub trait Connection: Send + Sync + 'static {
+    /// Queues a message for the reflector; `false` if the connection is closed.
+    fn send(&mut self, message: ClientMessage) -> bool;
+    /// The next message from the reflector, if any; `Err` once the connection is closed.
+    fn poll(&mut self) -> Result<Option<Arc<ServerMessage>>, String>;
+}
+
+/// Opens connections to a reflector.
+pub trait Connector: Send + Sync + 'static {
+    /// Opens a new connection.
+    fn connect(&mut self) -> Result<Box<dyn Connection>, String>;
+    /// Where it connects, for logs.
+    fn describe(&self) -> String;
+}
+
+impl Connection for InProcessConnection {
+    fn send(&mut self, message: ClientMessage) -> bool {
+        InProcessConnection::send(self, message)
+    }
+
+    fn poll(&mut self) -> Result<Option<Arc<ServerMessage>>, String> {
+        self.try_recv().map_err(|e| e.to_string())
+    }
+}
+
+impl Connector for InProcessHandle {
+    fn connect(&mut self) -> Result<Box<dyn Connection>, String> {
+        Ok(Box::new(InProcessHandle::connect(self)))
+    }
+
+    fn describe(&self) -> String {
+        "in-process reflector".into()
+    }
+}

@@ -1,0 +1,158 @@
+//! The view side: reading the model from ordinary Bevy systems, and publishing events to it.
+//!
+//! View systems are normal systems of the app. They read the model through [`Model`] and
+//! [`ModelQuery`], which only ever hand out shared references (`ReadOnlyQueryData`): a view
+//! cannot change the model — the compiler refuses it. Views influence the model only by
+//! publishing events with [`Publish`], which travel through the reflector to every replica.
+
+use bevy::ecs::query::{QueryData, QueryFilter, QueryState, ReadOnlyQueryData};
+use bevy::ecs::system::SystemParam;
+use bevy::ecs::world::WorldId;
+use bevy::prelude::*;
+use serde::Serialize;
+use std::marker::PhantomData;
+
+use crate::client::{ModelWorld, Outbox};
+use crate::model::{ModelEntities, ModelId, ModelTime, ModelViews};
+
+/// Read-only access to this replica's model world from a view system.
+///
+/// ```
+/// # use bevy::prelude::*;
+/// # use bevy_synq::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Resource, Serialize, Deserialize)] struct Score(u32);
+/// fn hud(model: Model) {
+///     if let Some(score) = model.resource::<Score>() {
+///         info!("score {} at {} ms", score.0, model.now_ms());
+///     }
+/// }
+/// ```
+#[derive(SystemParam)]
+pub struct Model<'w> {
+    model: Res<'w, ModelWorld>,
+}
+
+impl Model<'_> {
+    /// The model world, once the session has started (`None` before the first sync).
+    pub fn world(&self) -> Option<&World> {
+        self.model.runtime.as_ref().map(|r| r.world())
+    }
+
+    /// A model resource.
+    pub fn resource<T: Resource>(&self) -> Option<&T> {
+        self.world()?.get_resource::<T>()
+    }
+
+    /// A component of a model entity.
+    pub fn get<T: Component>(&self, entity: Entity) -> Option<&T> {
+        self.world()?.get::<T>(entity)
+    }
+
+    /// The current `Entity` of a model entity (they change at snapshot points; ids do not).
+    pub fn entity(&self, id: ModelId) -> Option<Entity> {
+        self.resource::<ModelEntities>()?.get(id)
+    }
+
+    /// Model time in ms (0 before the session started).
+    pub fn now_ms(&self) -> u64 {
+        self.resource::<ModelTime>().map_or(0, |t| t.now_ms())
+    }
+
+    /// The views in the session, as the model knows them.
+    pub fn views(&self) -> Option<&ModelViews> {
+        self.resource::<ModelViews>()
+    }
+
+    /// Whether the model has started (restored or initialised).
+    pub fn is_running(&self) -> bool {
+        self.model.runtime.is_some()
+    }
+}
+
+/// A cached query over the model world.
+pub struct ModelQueryCache<D: QueryData + 'static, F: QueryFilter + 'static> {
+    state: Option<(WorldId, QueryState<D, F>)>,
+}
+
+impl<D: QueryData + 'static, F: QueryFilter + 'static> Default for ModelQueryCache<D, F> {
+    fn default() -> Self {
+        Self { state: None }
+    }
+}
+
+/// A read-only query over the model world, for view systems: `ModelQuery<(&Ship, &Position)>`.
+///
+/// Call [`ModelQuery::try_query`] for a Bevy `Query` with all its methods, or use the shortcuts.
+/// Model entities are renumbered at snapshot points; identify them across frames by [`ModelId`].
+///
+/// ```
+/// # use bevy::prelude::*;
+/// # use bevy_synq::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Component, Serialize, Deserialize)] struct Position(Vec2);
+/// fn draw(mut positions: ModelQuery<(&ModelId, &Position)>) {
+///     for (id, position) in positions.iter() {
+///         # let _ = (id, position);
+///     }
+/// }
+/// ```
+#[derive(SystemParam)]
+pub struct ModelQuery<'w, 's, D: ReadOnlyQueryData + 'static, F: QueryFilter + 'static = ()> {
+    model: Res<'w, ModelWorld>,
+    cache: Local<'s, ModelQueryCache<D, F>>,
+    marker: PhantomData<fn() -> (D, F)>,
+}
+
+impl<D: ReadOnlyQueryData + 'static, F: QueryFilter + 'static> ModelQuery<'_, '_, D, F> {
+    /// The query, or `None` before the session started.
+    pub fn try_query(&mut self) -> Option<Query<'_, '_, D, F>> {
+        let world = self.model.runtime.as_ref()?.world();
+        let cache = &mut self.cache.state;
+        if cache.as_ref().is_none_or(|(id, _)| *id != world.id()) {
+            *cache = Some((world.id(), QueryState::<D, F>::try_new(world)?));
+        }
+        let (_, state) = cache.as_mut()?;
+        state.update_archetypes(world);
+        Some(state.query_manual(world))
+    }
+
+    /// Iterates the query's items; empty before the session started.
+    pub fn iter(&mut self) -> impl Iterator<Item = D::Item<'_, '_>> {
+        self.try_query().into_iter().flat_map(|query| query.into_iter())
+    }
+
+    /// The item of one model entity, if it matches.
+    pub fn get(&mut self, entity: Entity) -> Option<D::Item<'_, '_>> {
+        self.try_query()?.get_inner(entity).ok()
+    }
+
+    /// The only matching item, if there is exactly one.
+    pub fn single(&mut self) -> Option<D::Item<'_, '_>> {
+        self.try_query()?.single_inner().ok()
+    }
+
+    /// Number of matching model entities.
+    pub fn count(&mut self) -> usize {
+        self.try_query().map_or(0, |query| query.iter().count())
+    }
+}
+
+/// Publishes view → model events of type `T` from a view system.
+///
+/// The event is sealed with the session key, stamped by the reflector and triggered as
+/// [`FromView<T>`](crate::FromView) in the model world of every replica at the same model time.
+/// Register `T` in the model with
+/// [`ModelApp::add_view_event`](crate::ModelApp::add_view_event).
+#[derive(SystemParam)]
+pub struct Publish<'w, T: Serialize + Send + Sync + 'static> {
+    outbox: ResMut<'w, Outbox>,
+    marker: PhantomData<fn(T)>,
+}
+
+impl<T: Serialize + Send + Sync + 'static> Publish<'_, T> {
+    /// Publishes an event to the model.
+    pub fn send(&mut self, event: T) {
+        self.outbox.push(&event);
+    }
+}
