@@ -13,6 +13,6 @@ pub use app::{ModelApp, ModelPlugin};
 pub use events::{FromView, ToView, ViewExited, ViewJoined};
 pub use ids::{ModelEntities, ModelId};
 pub use rng::ModelRng;
-pub use runtime::{ModelProblem, ModelRuntime, ModelViews, RuntimeError, SnapshotPoint, SnapshotPolicy};
+pub use runtime::{ModelProblem, ModelRuntime, ModelViews, RuntimeError, RuntimeOptions, SnapshotPoint, SnapshotPolicy};
 pub use time::{ModelInit, ModelTime, ModelUpdate};
 pub use timers::{ModelTimers, TimerId};

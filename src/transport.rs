@@ -43,3 +43,4 @@ impl Connector for InProcessHandle {
         "in-process reflector".into()
     }
 }
+

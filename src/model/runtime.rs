@@ -128,6 +128,9 @@ pub enum RuntimeError {
         /// The one that came.
         got: u32,
     },
+    /// The event type is not registered with the model.
+    #[error("{0} is not a registered view event")]
+    Unregistered(&'static str),
     /// An external message is stamped before the model's current time.
     #[error("external message at {got} ms is earlier than model time {now} ms")]
     TimeWentBack {
@@ -136,6 +139,23 @@ pub enum RuntimeError {
         /// The message's time.
         got: u64,
     },
+}
+
+/// Settings for a runtime driven directly, without a session: tools, replays and benchmarks.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeOptions {
+    /// The fixed step of [`ModelUpdate`] in ms.
+    pub step_ms: u32,
+    /// Seed of the model RNG.
+    pub seed: [u8; 32],
+    /// When snapshot points happen.
+    pub snapshot_policy: SnapshotPolicy,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self { step_ms: 50, seed: [0; 32], snapshot_policy: SnapshotPolicy::default() }
+    }
 }
 
 /// One replica's model.
@@ -205,6 +225,47 @@ impl ModelRuntime {
             problems: Vec::new(),
             reported: BTreeSet::new(),
         })
+    }
+
+    /// Starts a model fresh, outside any session (tools, replays, benchmarks).
+    pub fn start_fresh(model: impl ModelPlugin, options: RuntimeOptions) -> Self {
+        let settings = WorldSettings { step_ms: options.step_ms, seed: options.seed };
+        Self::fresh(Arc::new(model), settings, options.snapshot_policy, |_| {})
+    }
+
+    /// Restores a model from a snapshot, outside any session.
+    pub fn from_snapshot(model: impl ModelPlugin, options: RuntimeOptions, bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let settings = WorldSettings { step_ms: options.step_ms, seed: options.seed };
+        Self::restore(Arc::new(model), settings, options.snapshot_policy, bytes)
+    }
+
+    /// Runs the model's own messages (steps, timers) up to `time`, as a heartbeat tick does.
+    pub fn advance(&mut self, time: u64) {
+        self.advance_to(time);
+    }
+
+    /// Executes a view event as if the reflector had stamped it with `time` and `seq`.
+    pub fn execute_view_event<T: serde::Serialize + 'static>(
+        &mut self,
+        time: u64,
+        seq: u32,
+        sender: ViewId,
+        event: &T,
+    ) -> Result<(), RuntimeError> {
+        let index = self
+            .registry
+            .view_events
+            .iter()
+            .position(|e| e.type_id == std::any::TypeId::of::<T>())
+            .ok_or(RuntimeError::Unregistered(std::any::type_name::<T>()))?;
+        let mut plaintext = (index as u16).to_le_bytes().to_vec();
+        postcard::to_io(event, &mut plaintext).map_err(|_| RuntimeError::Unregistered(std::any::type_name::<T>()))?;
+        self.execute(External { time, seq, body: ExternalBody::View { sender, plaintext } })
+    }
+
+    /// Executes a join/leave notice as if the reflector had stamped it with `time` and `seq`.
+    pub fn execute_users(&mut self, time: u64, seq: u32, joined: Vec<ViewId>, left: Vec<ViewId>) -> Result<(), RuntimeError> {
+        self.execute(External { time, seq, body: ExternalBody::Users { joined, left, reset: false } })
     }
 
     /// The model world, read-only.

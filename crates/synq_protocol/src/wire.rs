@@ -245,6 +245,9 @@ pub enum ErrorCode {
     Full,
     /// The reflector is shutting down. Retry later.
     ShuttingDown,
+    /// The reflector cannot serve the session right now (its storage failed or holds a damaged
+    /// file). Retry later; the reflector's log says more.
+    Unavailable,
 }
 
 impl ErrorCode {

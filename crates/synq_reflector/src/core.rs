@@ -15,6 +15,17 @@ use synq_protocol::wire::{
 use synq_protocol::{INITIAL_SEQ, Limits, PROTOCOL_VERSION, seq_le};
 
 use crate::session::{AwaitedUpload, Session, TallyState, UsersBatch};
+use crate::storage::{SessionMeta, Storage, StorageError};
+
+/// Session time is recorded in storage at least this often while a session is active, and a
+/// session resumed from storage continues this far after the last record, so that no client can
+/// have seen a later time.
+pub const TIME_MARK_MS: u64 = 100;
+
+/// The event log is made durable (fsync) this often.
+const SYNC_EVERY_MS: u64 = 1000;
+
+type Store = Option<Box<dyn Storage>>;
 
 /// A connection, as numbered by the driver.
 pub type ClientId = u64;
@@ -80,14 +91,16 @@ pub struct Reflector {
     clients: HashMap<ClientId, ClientState>,
     persisted: HashMap<PersistentId, PersistRecord>,
     outputs: Vec<Output>,
+    storage: Store,
+    last_sync: u64,
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
+fn error_message(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
     ErrorMessage { code, message: message.into() }
 }
 
 impl Reflector {
-    /// A reflector with no sessions.
+    /// A reflector with no sessions that keeps everything in memory.
     pub fn new(config: ReflectorConfig) -> Self {
         Self {
             config,
@@ -95,6 +108,28 @@ impl Reflector {
             clients: HashMap::new(),
             persisted: HashMap::new(),
             outputs: Vec::new(),
+            storage: None,
+            last_sync: 0,
+        }
+    }
+
+    /// A reflector that records sessions and persisted data in `storage`, and resumes the
+    /// sessions it finds there.
+    pub fn with_storage(config: ReflectorConfig, storage: Box<dyn Storage>) -> Self {
+        Self { storage: Some(storage), ..Self::new(config) }
+    }
+
+    /// Makes everything recorded so far durable (call before exiting).
+    pub fn flush_storage(&mut self, now: u64) -> Result<(), StorageError> {
+        for session in self.sessions.values_mut() {
+            let time = session.time(now);
+            if let Some(storage) = self.storage.as_mut() {
+                storage.mark_time(&session.id, time)?;
+            }
+        }
+        match self.storage.as_mut() {
+            Some(storage) => storage.sync(),
+            None => Ok(()),
         }
     }
 
@@ -144,8 +179,14 @@ impl Reflector {
             if session.clients.is_empty() {
                 // Nobody will hear the leave batch live; stamp it now so that it is buffered and
                 // replayed by the next joiner, then pause session time.
-                flush_users(session, now, &mut self.outputs);
-                session.paused_at = Some(session.time(now));
+                flush_users(session, now, &mut self.storage, &mut self.outputs);
+                let time = session.time(now);
+                if let Some(storage) = self.storage.as_mut() {
+                    if let Err(error) = storage.mark_time(&session.id, time) {
+                        tracing::error!(session = %session.id, %error, "cannot record session time");
+                    }
+                }
+                session.paused_at = Some(time);
                 session.tallies.clear();
                 session.awaited_upload = None;
             }
@@ -159,10 +200,10 @@ impl Reflector {
         match (message, joined) {
             (ClientMessage::Join(join), None) => self.join(now, client, join),
             (ClientMessage::Join(_), Some(_)) => {
-                self.close(client, error(ErrorCode::NotJoined, "second Join on one connection"))
+                self.close(client, error_message(ErrorCode::NotJoined, "second Join on one connection"))
             }
             (ClientMessage::Ping(nonce), _) => self.send(client, ServerMessage::Pong(nonce)),
-            (_, None) => self.close(client, error(ErrorCode::NotJoined, "the first message must be Join")),
+            (_, None) => self.close(client, error_message(ErrorCode::NotJoined, "the first message must be Join")),
             (ClientMessage::Event(payload), Some(session)) => {
                 if payload.len() > self.config.limits.max_event_bytes {
                     let limit = self.config.limits.max_event_bytes;
@@ -183,14 +224,24 @@ impl Reflector {
         }
     }
 
-    /// Fires what is due: heartbeat ticks, join/leave batches and vote tallies.
+    /// Fires what is due: heartbeat ticks, join/leave batches, vote tallies, storage upkeep.
     pub fn poll(&mut self, now: u64) {
+        self.sync_storage(now);
         for session in self.sessions.values_mut() {
             if session.clients.is_empty() {
                 continue;
             }
             if session.users.deadline.is_some_and(|d| now >= d) {
-                flush_users(session, now, &mut self.outputs);
+                flush_users(session, now, &mut self.storage, &mut self.outputs);
+            }
+            let time = session.time(now);
+            if time >= session.last_mark + TIME_MARK_MS {
+                session.last_mark = time;
+                if let Some(storage) = self.storage.as_mut() {
+                    if let Err(error) = storage.mark_time(&session.id, time) {
+                        tracing::error!(session = %session.id, %error, "cannot record session time");
+                    }
+                }
             }
             let due: Vec<_> = session.tallies.iter().filter(|(_, t)| now >= t.deadline).map(|(k, _)| *k).collect();
             for key in due {
@@ -202,6 +253,16 @@ impl Reflector {
                 for (client, _) in &session.clients {
                     self.outputs.push(Output::Send { client: *client, message: tick.clone() });
                 }
+            }
+        }
+    }
+
+    /// Makes the event logs durable if it is time to (called by [`Reflector::poll`]).
+    fn sync_storage(&mut self, now: u64) {
+        if now >= self.last_sync + SYNC_EVERY_MS {
+            self.last_sync = now;
+            if let Some(Err(error)) = self.storage.as_mut().map(|s| s.sync()) {
+                tracing::error!(%error, "cannot make the event logs durable");
             }
         }
     }
@@ -224,7 +285,7 @@ impl Reflector {
     }
 
     fn send_error(&mut self, client: ClientId, code: ErrorCode, message: String) {
-        self.send(client, ServerMessage::Error(error(code, message)));
+        self.send(client, ServerMessage::Error(error_message(code, message)));
     }
 
     fn close(&mut self, client: ClientId, reason: ErrorMessage) {
@@ -234,36 +295,30 @@ impl Reflector {
     fn join(&mut self, now: u64, client: ClientId, join: Join) {
         if join.protocol != PROTOCOL_VERSION {
             let msg = format!("client speaks protocol {}, this reflector speaks {PROTOCOL_VERSION}", join.protocol);
-            return self.close(client, error(ErrorCode::ProtocolVersion, msg));
+            return self.close(client, error_message(ErrorCode::ProtocolVersion, msg));
         }
         let tick_ms = if join.tick_ms == 0 { self.config.default_tick_ms } else { join.tick_ms.clamp(10, 30_000) };
-        let session = self.sessions.entry(join.session_id).or_insert_with(|| {
-            tracing::info!(session = %join.session_id, "session created");
-            Session {
-                id: join.session_id,
-                persistent_id: join.persistent_id,
-                start: now,
-                paused_at: None,
-                seq: INITIAL_SEQ,
-                tick_ms,
-                last_broadcast: now,
-                password_check: join.password_check.clone(),
-                snapshot: None,
-                events: VecDeque::new(),
-                clients: Vec::new(),
-                users: UsersBatch::default(),
-                reset_pending: false,
-                tallies: Default::default(),
-                awaited_upload: None,
-                requested_at: None,
+        if !self.sessions.contains_key(&join.session_id) {
+            match self.open_session(now, &join, tick_ms) {
+                Ok(session) => {
+                    self.sessions.insert(join.session_id, session);
+                }
+                Err(error) => {
+                    tracing::error!(session = %join.session_id, %error, "cannot open session");
+                    let msg = format!("the reflector cannot open this session: {error}");
+                    return self.close(client, error_message(ErrorCode::Unavailable, msg));
+                }
             }
-        });
+        }
+        let persisted = self.persisted_for(&join.persistent_id);
+        let session = self.sessions.get_mut(&join.session_id).expect("opened above");
         if session.has_view(join.view_id) {
             let msg = format!("view {} is already connected to this session", join.view_id);
-            return self.close(client, error(ErrorCode::DuplicateView, msg));
+            return self.close(client, error_message(ErrorCode::DuplicateView, msg));
         }
         if let Some(paused) = session.paused_at.take() {
-            session.start = now.saturating_sub(paused);
+            session.base_now = now;
+            session.base_time = paused;
             session.last_broadcast = now;
         }
         let time = session.time(now);
@@ -284,10 +339,7 @@ impl Reflector {
             }
             None => match &session.snapshot {
                 Some(snapshot) => (SyncStart::Snapshot(snapshot.clone()), session.events.iter().cloned().collect()),
-                None => {
-                    let persisted = self.persisted.get(&session.persistent_id).cloned();
-                    (SyncStart::Fresh { persisted }, session.events.iter().cloned().collect())
-                }
+                None => (SyncStart::Fresh { persisted }, session.events.iter().cloned().collect()),
             },
         };
         let sync = Sync {
@@ -311,21 +363,110 @@ impl Reflector {
         self.send(client, ServerMessage::Sync(sync));
     }
 
+    /// Resumes a session from storage, or creates it.
+    fn open_session(&mut self, now: u64, join: &Join, tick_ms: u32) -> Result<Session, StorageError> {
+        let stored = match self.storage.as_mut() {
+            Some(storage) => storage.load_session(&join.session_id)?,
+            None => None,
+        };
+        let mut session = Session {
+            id: join.session_id,
+            persistent_id: join.persistent_id,
+            base_now: now,
+            base_time: 0,
+            paused_at: None,
+            seq: INITIAL_SEQ,
+            tick_ms,
+            last_broadcast: now,
+            last_mark: 0,
+            password_check: join.password_check.clone(),
+            snapshot: None,
+            events: VecDeque::new(),
+            clients: Vec::new(),
+            users: UsersBatch::default(),
+            reset_pending: false,
+            tallies: Default::default(),
+            awaited_upload: None,
+            requested_at: None,
+        };
+        match stored {
+            Some(stored) => {
+                // Continue after the latest time any client can have seen.
+                let time = stored.time + TIME_MARK_MS;
+                session.base_time = time;
+                session.last_mark = time;
+                session.persistent_id = stored.meta.persistent_id;
+                session.tick_ms = stored.meta.tick_ms;
+                session.password_check = stored.meta.password_check;
+                session.seq = match (stored.events.last(), &stored.snapshot) {
+                    (Some(event), _) => event.seq,
+                    (None, Some(snapshot)) => snapshot.seq,
+                    (None, None) => INITIAL_SEQ,
+                };
+                session.snapshot = stored.snapshot;
+                session.events = stored.events.into();
+                // Whoever was connected before the restart is gone: the next join batch tells the
+                // model who is really there.
+                session.reset_pending = true;
+                tracing::info!(session = %join.session_id, time, events = session.events.len(), "session resumed from storage");
+            }
+            None => {
+                if let Some(storage) = self.storage.as_mut() {
+                    let meta = SessionMeta {
+                        persistent_id: join.persistent_id,
+                        tick_ms,
+                        password_check: join.password_check.clone(),
+                    };
+                    storage.create_session(&join.session_id, &meta)?;
+                }
+                tracing::info!(session = %join.session_id, "session created");
+            }
+        }
+        Ok(session)
+    }
+
+    /// The persisted data of a persistent id, from memory or storage.
+    fn persisted_for(&mut self, persistent_id: &PersistentId) -> Option<PersistRecord> {
+        if let Some(record) = self.persisted.get(persistent_id) {
+            return Some(record.clone());
+        }
+        let loaded = self.storage.as_mut().map(|s| s.load_persisted(persistent_id));
+        match loaded {
+            Some(Ok(Some(record))) => {
+                self.persisted.insert(*persistent_id, record.clone());
+                Some(record)
+            }
+            Some(Err(error)) => {
+                tracing::error!(persistent_id = %persistent_id, %error, "cannot load persisted data");
+                None
+            }
+            _ => None,
+        }
+    }
+
     fn stamp(&mut self, now: u64, session_id: SessionId, client: ClientId, body: EventBody) {
         let Some(session) = self.sessions.get_mut(&session_id) else { return };
         if session.events.len() >= self.config.max_buffered_events {
             let msg = format!("{} events are buffered; no more until a snapshot arrives", session.events.len());
             self.outputs.push(Output::Send {
                 client,
-                message: Arc::new(ServerMessage::Error(error(ErrorCode::BufferFull, msg))),
+                message: Arc::new(ServerMessage::Error(error_message(ErrorCode::BufferFull, msg))),
             });
             return;
         }
-        broadcast_event(session, now, body, &mut self.outputs);
+        if let Err(error) = broadcast_event(session, now, body, &mut self.storage, &mut self.outputs) {
+            tracing::error!(session = %session_id, %error, "event not recorded; refused");
+            let msg = format!("the reflector could not record the event: {error}");
+            self.outputs.push(Output::Send {
+                client,
+                message: Arc::new(ServerMessage::Error(error_message(ErrorCode::Unavailable, msg))),
+            });
+            return;
+        }
         let len = session.events.len();
         if len >= self.config.request_snapshot_at && session.requested_at.is_none_or(|at| len >= at + 1000) {
             session.requested_at = Some(len);
-            broadcast_event(session, now, EventBody::SnapshotRequest, &mut self.outputs);
+            let _ = broadcast_event(session, now, EventBody::SnapshotRequest, &mut self.storage, &mut self.outputs);
         }
     }
 
@@ -356,7 +497,7 @@ impl Reflector {
             let msg = format!("snapshot of {} bytes exceeds {limit} bytes", record.data.len());
             self.outputs.push(Output::Send {
                 client,
-                message: Arc::new(ServerMessage::Error(error(ErrorCode::TooLarge, msg))),
+                message: Arc::new(ServerMessage::Error(error_message(ErrorCode::TooLarge, msg))),
             });
             return;
         }
@@ -372,6 +513,13 @@ impl Reflector {
         }
         session.requested_at = None;
         let (time, seq) = (record.time, record.seq);
+        if let Some(storage) = self.storage.as_mut() {
+            let remaining: Vec<StampedEvent> = session.events.iter().cloned().collect();
+            if let Err(error) = storage.store_snapshot(&session_id, &record, &remaining) {
+                // Keep serving the snapshot from memory; the events stay in the log.
+                tracing::error!(session = %session_id, %error, "cannot store the snapshot");
+            }
+        }
         session.snapshot = Some(record);
         self.outputs.push(Output::Send { client, message: Arc::new(ServerMessage::SnapshotAccepted { time, seq }) });
     }
@@ -385,7 +533,15 @@ impl Reflector {
             return;
         }
         let vote = record.vote;
-        self.persisted.insert(session.persistent_id, record);
+        let persistent_id = session.persistent_id;
+        if let Some(storage) = self.storage.as_mut() {
+            if let Err(error) = storage.store_persisted(&persistent_id, &record) {
+                tracing::error!(%persistent_id, %error, "cannot store persisted data");
+                self.send_error(client, ErrorCode::Unavailable, format!("persisted data not stored: {error}"));
+                return;
+            }
+        }
+        self.persisted.insert(persistent_id, record);
         self.send(client, ServerMessage::PersistAccepted { vote });
     }
 }
@@ -404,24 +560,43 @@ fn queue_user_change(session: &mut Session, now: u64, batch_ms: u64, view: ViewI
     }
 }
 
-fn flush_users(session: &mut Session, now: u64, outputs: &mut Vec<Output>) {
+fn flush_users(session: &mut Session, now: u64, storage: &mut Store, outputs: &mut Vec<Output>) {
     let users = std::mem::take(&mut session.users);
     if users.joined.is_empty() && users.left.is_empty() {
         return;
     }
-    let reset = std::mem::take(&mut session.reset_pending);
-    broadcast_event(session, now, EventBody::Users { joined: users.joined, left: users.left, reset }, outputs);
+    let reset = session.reset_pending;
+    let body = EventBody::Users { joined: users.joined.clone(), left: users.left.clone(), reset };
+    match broadcast_event(session, now, body, storage, outputs) {
+        Ok(()) => session.reset_pending = false,
+        Err(error) => {
+            // Try again with the next batch.
+            tracing::error!(session = %session.id, %error, "join/leave notice not recorded; retrying");
+            session.users = UsersBatch { deadline: Some(now + 100), ..users };
+        }
+    }
 }
 
-fn broadcast_event(session: &mut Session, now: u64, body: EventBody, outputs: &mut Vec<Output>) {
-    session.seq = session.seq.wrapping_add(1);
-    let event = StampedEvent { time: session.time(now), seq: session.seq, body };
+/// Stamps an event, records it, then broadcasts it: an event is recorded before anyone sees it.
+fn broadcast_event(
+    session: &mut Session,
+    now: u64,
+    body: EventBody,
+    storage: &mut Store,
+    outputs: &mut Vec<Output>,
+) -> Result<(), StorageError> {
+    let event = StampedEvent { time: session.time(now), seq: session.seq.wrapping_add(1), body };
+    if let Some(storage) = storage.as_mut() {
+        storage.append_events(&session.id, std::slice::from_ref(&event))?;
+    }
+    session.seq = event.seq;
     session.events.push_back(event.clone());
     session.last_broadcast = now;
     let message = Arc::new(ServerMessage::Event(event));
     for (client, _) in &session.clients {
         outputs.push(Output::Send { client: *client, message: message.clone() });
     }
+    Ok(())
 }
 
 fn close_tally(session: &mut Session, key: (SessionTime, u32), outputs: &mut Vec<Output>) {
@@ -450,5 +625,262 @@ fn close_tally(session: &mut Session, key: (SessionTime, u32), outputs: &mut Vec
     let message = Arc::new(ServerMessage::Tally(Tally { time: key.0, seq: key.1, groups, uploader }));
     for (client, _) in &session.clients {
         outputs.push(Output::Send { client: *client, message: message.clone() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synq_protocol::crypto::Sealed;
+
+    const SESSION: SessionId = SessionId([1; 32]);
+
+    fn sealed(n: usize) -> Sealed {
+        Sealed { nonce: [0; 24], ciphertext: vec![7; n] }
+    }
+
+    fn join(view: u64) -> ClientMessage {
+        ClientMessage::Join(Join {
+            protocol: PROTOCOL_VERSION,
+            app_id: "io.example.test".into(),
+            api_key: None,
+            session_id: SESSION,
+            persistent_id: PersistentId([2; 32]),
+            view_id: ViewId(view),
+            tick_ms: 50,
+            password_check: sealed(16),
+            resume_after: None,
+        })
+    }
+
+    fn sent(r: &mut Reflector) -> Vec<(ClientId, ServerMessage)> {
+        r.drain_outputs()
+            .map(|o| match o {
+                Output::Send { client, message } => (client, (*message).clone()),
+                Output::Close { client, reason } => (client, ServerMessage::Error(reason)),
+            })
+            .collect()
+    }
+
+    fn events(out: &[(ClientId, ServerMessage)], client: ClientId) -> Vec<StampedEvent> {
+        out.iter()
+            .filter(|(c, _)| *c == client)
+            .filter_map(|(_, m)| match m {
+                ServerMessage::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn joined(r: &mut Reflector, now: u64, client: ClientId, view: u64) -> Sync {
+        r.connect(now, client);
+        r.handle(now, client, join(view));
+        let out = sent(r);
+        match out.iter().find(|(c, _)| *c == client) {
+            Some((_, ServerMessage::Sync(sync))) => sync.clone(),
+            other => panic!("expected a sync, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_are_stamped_in_order_from_just_below_the_wrap_and_broadcast() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        let sync = joined(&mut r, 1000, 1, 10);
+        assert!(matches!(sync.start, SyncStart::Fresh { persisted: None }));
+        assert_eq!(sync.seq, INITIAL_SEQ);
+        joined(&mut r, 1000, 2, 20);
+        let mut seqs = Vec::new();
+        for i in 0..20 {
+            r.handle(1000 + i, 1, ClientMessage::Event(sealed(8)));
+            let out = sent(&mut r);
+            let to_1 = events(&out, 1);
+            assert_eq!(to_1, events(&out, 2), "both clients get the same stamped event");
+            seqs.push(to_1[0].seq);
+            assert_eq!(to_1[0].time, i);
+        }
+        assert_eq!(seqs[0], INITIAL_SEQ.wrapping_add(1));
+        assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
+        assert!(seqs.contains(&0), "wrapped around");
+    }
+
+    #[test]
+    fn ticks_only_after_silence() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        r.poll(30);
+        assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))));
+        r.handle(40, 1, ClientMessage::Event(sealed(8)));
+        r.poll(80);
+        assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))), "event at 40 resets the timer");
+        r.poll(90);
+        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tick(90))));
+        assert_eq!(r.next_deadline(), Some(140));
+    }
+
+    #[test]
+    fn joins_and_leaves_are_batched_and_cancel_out() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        joined(&mut r, 50, 2, 20);
+        r.disconnect(100, 2);
+        r.poll(250);
+        let out = sent(&mut r);
+        let users: Vec<_> = events(&out, 1).into_iter().map(|e| e.body).collect();
+        assert_eq!(users, vec![EventBody::Users { joined: vec![ViewId(10)], left: vec![], reset: false }]);
+    }
+
+    #[test]
+    fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        joined(&mut r, 0, 2, 20);
+        r.poll(300);
+        for _ in 0..5 {
+            r.handle(400, 1, ClientMessage::Event(sealed(8)));
+        }
+        let covered = INITIAL_SEQ.wrapping_add(4);
+        sent(&mut r);
+        let vote = HashVote { time: 400, seq: covered, vote: [9; 32] };
+        r.handle(401, 2, ClientMessage::HashVote(vote.clone()));
+        r.handle(402, 1, ClientMessage::HashVote(vote));
+        let out = sent(&mut r);
+        let tally = out
+            .iter()
+            .find_map(|(_, m)| match m {
+                ServerMessage::Tally(t) => Some(t.clone()),
+                _ => None,
+            })
+            .expect("tally once everyone voted");
+        assert_eq!(tally.groups.len(), 1);
+        assert_eq!(tally.uploader, Some(ViewId(20)), "the first voter uploads");
+        // An upload by someone else is ignored.
+        let record = SnapshotRecord { time: 400, seq: covered, vote: [9; 32], data: sealed(100) };
+        r.handle(403, 1, ClientMessage::SnapshotUpload(record.clone()));
+        assert!(r.snapshot(&SESSION).is_none());
+        r.handle(403, 2, ClientMessage::SnapshotUpload(record));
+        assert!(r.snapshot(&SESSION).is_some());
+        assert_eq!(r.buffered_events(&SESSION), Some(2), "events after the snapshot remain");
+        let sync = joined(&mut r, 500, 3, 30);
+        assert!(matches!(sync.start, SyncStart::Snapshot(ref s) if s.seq == covered));
+        assert_eq!(sync.events.len(), 2);
+        assert_eq!(sync.events[0].seq, covered.wrapping_add(1));
+    }
+
+    #[test]
+    fn divergent_votes_are_grouped_consensus_first() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        for (client, view) in [(1, 10), (2, 20), (3, 30)] {
+            joined(&mut r, 0, client, view);
+        }
+        sent(&mut r);
+        r.handle(10, 1, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [1; 32] }));
+        r.handle(10, 2, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [2; 32] }));
+        r.handle(10, 3, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [2; 32] }));
+        let tally = sent(&mut r)
+            .into_iter()
+            .find_map(|(_, m)| match m {
+                ServerMessage::Tally(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(tally.groups[0].views, vec![ViewId(20), ViewId(30)]);
+        assert_eq!(tally.groups[1].views, vec![ViewId(10)]);
+        assert_eq!(tally.uploader, Some(ViewId(20)));
+    }
+
+    #[test]
+    fn a_tally_closes_after_its_window_without_every_vote() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        joined(&mut r, 0, 2, 20);
+        sent(&mut r);
+        r.handle(10, 1, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [1; 32] }));
+        r.poll(500);
+        assert!(!sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
+        r.poll(1010);
+        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
+    }
+
+    #[test]
+    fn bad_clients_get_clear_errors() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        r.connect(0, 1);
+        r.handle(0, 1, ClientMessage::Event(sealed(8)));
+        assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::NotJoined));
+
+        r.connect(0, 2);
+        let ClientMessage::Join(mut old) = join(5) else { unreachable!() };
+        old.protocol = 99;
+        r.handle(0, 2, ClientMessage::Join(old));
+        assert!(matches!(&sent(&mut r)[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::ProtocolVersion));
+
+        joined(&mut r, 0, 3, 30);
+        r.connect(0, 4);
+        r.handle(0, 4, join(30));
+        assert!(matches!(&sent(&mut r)[..], [(4, ServerMessage::Error(e))] if e.code == ErrorCode::DuplicateView));
+
+        r.handle(0, 3, ClientMessage::Event(sealed(20_000)));
+        assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::TooLarge));
+    }
+
+    #[test]
+    fn a_full_buffer_asks_for_a_snapshot_then_refuses_events() {
+        let config = ReflectorConfig { request_snapshot_at: 5, max_buffered_events: 8, ..Default::default() };
+        let mut r = Reflector::new(config);
+        joined(&mut r, 0, 1, 10);
+        sent(&mut r);
+        let mut requested = false;
+        for _ in 0..7 {
+            r.handle(1, 1, ClientMessage::Event(sealed(8)));
+            requested |= events(&sent(&mut r), 1).iter().any(|e| e.body == EventBody::SnapshotRequest);
+        }
+        assert!(requested);
+        r.handle(1, 1, ClientMessage::Event(sealed(8)));
+        assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::BufferFull));
+    }
+
+    #[test]
+    fn session_time_pauses_while_empty() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 1000, 1, 10);
+        r.disconnect(3000, 1);
+        let sync = joined(&mut r, 60_000, 2, 20);
+        assert_eq!(sync.time, 2000);
+    }
+
+    #[test]
+    fn a_restarted_reflector_resumes_its_sessions_from_storage() {
+        let dir = std::env::temp_dir().join(format!("synq-core-restart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let storage = || Box::new(crate::storage::DiskStorage::open(&dir).unwrap());
+        let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+        joined(&mut r, 1000, 1, 10);
+        r.poll(1300);
+        for i in 0..5 {
+            r.handle(1400 + i, 1, ClientMessage::Event(sealed(8)));
+        }
+        r.poll(2500);
+        let before = sent(&mut r);
+        let last = events(&before, 1).last().cloned().unwrap();
+        let last_tick = before
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ServerMessage::Tick(t) => Some(*t),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        drop(r); // as if killed: nothing flushed
+
+        let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+        let sync = joined(&mut r, 50, 2, 20);
+        assert!(matches!(sync.start, SyncStart::Fresh { .. }), "no snapshot was stored");
+        assert_eq!(sync.seq, last.seq, "sequence numbers continue");
+        assert_eq!(sync.events.last(), Some(&last), "every acknowledged event survived");
+        assert!(sync.time >= last_tick, "session time continues: {} < {last_tick}", sync.time);
+        r.poll(300);
+        let users = events(&sent(&mut r), 2);
+        assert!(matches!(&users[0].body, EventBody::Users { reset: true, .. }), "{users:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,5 +14,6 @@
 mod core;
 pub mod inproc;
 mod session;
+pub mod storage;
 
-pub use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
+pub use crate::core::{ClientId, Output, Reflector, ReflectorConfig, TIME_MARK_MS};

@@ -32,9 +32,10 @@ pub(crate) struct AwaitedUpload {
 pub(crate) struct Session {
     pub id: SessionId,
     pub persistent_id: PersistentId,
-    /// `now` (reflector clock, ms) at which session time was 0; moved when the session resumes
-    /// after being empty, so that time continues where it stopped.
-    pub start: u64,
+    /// Session time is `base_time + (now - base_now)`; both move when the session resumes after
+    /// being empty or after a restart, so that time continues where it stopped.
+    pub base_now: u64,
+    pub base_time: SessionTime,
     /// Session time at which the session became empty.
     pub paused_at: Option<SessionTime>,
     /// The last sequence number handed out.
@@ -42,6 +43,8 @@ pub(crate) struct Session {
     pub tick_ms: u32,
     /// Reflector clock of the last broadcast (event or tick).
     pub last_broadcast: u64,
+    /// Session time last recorded in storage.
+    pub last_mark: SessionTime,
     pub password_check: Sealed,
     pub snapshot: Option<SnapshotRecord>,
     /// Every event after the snapshot (or since the session started), in order.
@@ -60,7 +63,7 @@ impl Session {
     pub fn time(&self, now: u64) -> SessionTime {
         match self.paused_at {
             Some(paused) => paused,
-            None => now.saturating_sub(self.start),
+            None => self.base_time + now.saturating_sub(self.base_now),
         }
     }
 
