@@ -40,7 +40,10 @@ fn model(model: &mut ModelApp) {
 }
 
 fn options() -> RuntimeOptions {
-    RuntimeOptions { snapshot_policy: SnapshotPolicy { every_ms: u64::MAX, every_events: u32::MAX }, ..Default::default() }
+    RuntimeOptions {
+        snapshot_policy: SnapshotPolicy { every_ms: u64::MAX, every_events: u32::MAX },
+        ..Default::default()
+    }
 }
 
 fn runtime(n: u32) -> ModelRuntime {

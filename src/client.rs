@@ -11,7 +11,8 @@ use std::time::Instant;
 use synq_protocol::crypto::{Binding, SealKind, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::wire::{
-    ClientMessage, ErrorCode, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, SyncStart, Tally,
+    ClientMessage, ErrorCode, EventBody, HashVote, Join, PersistRecord, ServerMessage, SnapshotRecord, StampedEvent,
+    SyncStart, Tally, VotePurpose,
 };
 use synq_protocol::{Hash32, PROTOCOL_VERSION};
 
@@ -108,6 +109,13 @@ enum Phase {
     Failed,
 }
 
+struct PastPersist {
+    time: u64,
+    seq: u32,
+    vote: Hash32,
+    json: String,
+}
+
 struct PastPoint {
     time: u64,
     seq: u32,
@@ -131,6 +139,8 @@ pub struct SynqClient {
     target_time: u64,
     catch_up_from: u64,
     recent_points: VecDeque<PastPoint>,
+    recent_persists: VecDeque<PastPersist>,
+    persist_uploads: u32,
     history: Vec<HashRecord>,
     pub(crate) status: SynqStatus,
     started_from: Option<StartKind>,
@@ -165,6 +175,8 @@ impl SynqClient {
             target_time: 0,
             catch_up_from: 0,
             recent_points: VecDeque::new(),
+            recent_persists: VecDeque::new(),
+            persist_uploads: 0,
             history: Vec::new(),
             status: SynqStatus::Connecting,
             started_from: None,
@@ -196,6 +208,12 @@ impl SynqClient {
     /// How this replica's model started (`None` before the first sync).
     pub fn started_from(&self) -> Option<StartKind> {
         self.started_from
+    }
+
+    /// How many persisted documents this client uploaded (it does so when the reflector elects
+    /// it among the replicas that agree on the document).
+    pub fn persist_uploads(&self) -> u32 {
+        self.persist_uploads
     }
 
     /// The latest session time this client heard of from the reflector.
@@ -285,9 +303,28 @@ impl SynqClient {
             SyncStart::Resume => StartKind::Resume,
         });
         let runtime = match &sync.start {
-            SyncStart::Fresh { .. } => {
-                info!("bevy_synq: session {} starts fresh", self.ids.session);
-                ModelRuntime::fresh(self.plugin.clone(), self.settings, policy, |_| {})
+            SyncStart::Fresh { persisted } => {
+                let opened = persisted.as_ref().map(|record| {
+                    self.key.open(SealKind::Persisted, &Binding::Persistent(self.ids.persistent), &record.data).map_err(
+                        |_| {
+                            format!(
+                                "the persisted data of {}/{} cannot be opened with this session's password \
+                                 (it was saved under another password)",
+                                self.config.app_id, self.config.name
+                            )
+                        },
+                    )
+                });
+                match &opened {
+                    Some(Ok(json)) => info!(
+                        "bevy_synq: session {} starts fresh from persisted data ({} bytes)",
+                        self.ids.session,
+                        json.len()
+                    ),
+                    Some(Err(error)) => error!("bevy_synq: {error}"),
+                    None => info!("bevy_synq: session {} starts fresh", self.ids.session),
+                }
+                ModelRuntime::fresh(self.plugin.clone(), self.settings, policy, opened)
             }
             SyncStart::Snapshot(record) => {
                 let bytes = self.open_snapshot(record)?;
@@ -402,6 +439,18 @@ impl SynqClient {
         let Some(runtime) = model.runtime.as_mut() else { return };
         let points = std::mem::take(&mut runtime.points);
         let problems = std::mem::take(&mut runtime.problems);
+        for request in std::mem::take(&mut runtime.persist_requests) {
+            let vote = self.key.vote_digest(&request.hash);
+            if self.synced {
+                let purpose = VotePurpose::Persist;
+                self.send(ClientMessage::HashVote(HashVote { purpose, time: request.time, seq: request.seq, vote }));
+            }
+            let (time, seq, json) = (request.time, request.seq, request.json);
+            self.recent_persists.push_back(PastPersist { time, seq, vote, json });
+            if self.recent_persists.len() > KEPT_POINTS {
+                self.recent_persists.pop_front();
+            }
+        }
         for point in points {
             self.history.push(HashRecord { time: point.time, seq: point.seq, hash: point.hash });
             if self.history.len() > KEPT_HISTORY {
@@ -409,7 +458,8 @@ impl SynqClient {
             }
             let vote = self.key.vote_digest(&point.hash);
             if self.synced {
-                self.send(ClientMessage::HashVote(HashVote { time: point.time, seq: point.seq, vote }));
+                let purpose = VotePurpose::Snapshot;
+                self.send(ClientMessage::HashVote(HashVote { purpose, time: point.time, seq: point.seq, vote }));
             }
             self.recent_points.push_back(PastPoint { time: point.time, seq: point.seq, vote, bytes: point.bytes });
             if self.recent_points.len() > KEPT_POINTS {
@@ -449,6 +499,20 @@ impl SynqClient {
             );
             let in_consensus = tally.groups[0].views.contains(&self.ids.view);
             self.divergences.push(DivergenceDetected { time: tally.time, seq: tally.seq, groups, in_consensus });
+        }
+        if tally.purpose == VotePurpose::Persist {
+            if tally.uploader == Some(self.ids.view) {
+                let Some(past) = self.recent_persists.iter().find(|p| p.time == tally.time && p.seq == tally.seq)
+                else {
+                    return;
+                };
+                let binding = Binding::Persistent(self.ids.persistent);
+                let data = self.key.seal(SealKind::Persisted, &binding, past.json.as_bytes());
+                info!("bevy_synq: uploading persisted data at {} ms ({} bytes)", past.time, past.json.len());
+                self.send(ClientMessage::PersistUpload(PersistRecord { time: past.time, vote: past.vote, data }));
+                self.persist_uploads += 1;
+            }
+            return;
         }
         if tally.uploader == Some(self.ids.view) {
             let Some(point) = self.recent_points.iter().find(|p| p.time == tally.time && p.seq == tally.seq) else {

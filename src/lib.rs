@@ -86,7 +86,7 @@ pub mod view;
 pub use client::{HashRecord, ModelWorld, Outbox, SessionIds, StartKind, SynqClient};
 pub use config::{CatchUpBudget, SessionConfig};
 pub use model::*;
-pub use plugin::{EmbeddedReflectorHandle, ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash};
+pub use plugin::{EmbeddedReflectorHandle, ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash, session_ids};
 pub use status::{DivergenceDetected, SynqProblem, SynqStatus, is_synced};
 
 /// The protocol crate (ids, crypto, wire messages), re-exported.

@@ -3,6 +3,7 @@
 pub(crate) mod app;
 pub(crate) mod events;
 pub(crate) mod ids;
+pub(crate) mod persist;
 pub(crate) mod registry;
 pub(crate) mod rng;
 pub(crate) mod runtime;
@@ -12,7 +13,12 @@ pub(crate) mod timers;
 pub use app::{ModelApp, ModelPlugin};
 pub use events::{FromView, ToView, ViewExited, ViewJoined};
 pub use ids::{ModelEntities, ModelId};
+pub use persist::{
+    Migrations, PERSIST_COOL_OFF_MS, PersistError, PersistOutcome, PersistRequest, PersistSession, Persisted,
+};
 pub use rng::ModelRng;
-pub use runtime::{ModelProblem, ModelRuntime, ModelViews, RuntimeError, RuntimeOptions, SnapshotPoint, SnapshotPolicy};
+pub use runtime::{
+    ModelProblem, ModelRuntime, ModelViews, RuntimeError, RuntimeOptions, SnapshotPoint, SnapshotPolicy,
+};
 pub use time::{ModelInit, ModelTime, ModelUpdate};
 pub use timers::{ModelTimers, TimerId};

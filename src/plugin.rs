@@ -2,15 +2,15 @@
 
 use bevy::prelude::*;
 use std::sync::{Arc, Mutex};
+use synq_protocol::CodeHasher;
 use synq_protocol::crypto::SessionKey;
-use synq_protocol::ids::{CodeHash, PersistentId, SessionId, ViewId, hash_parts};
+use synq_protocol::ids::{AppId, CodeHash, IdOptions, PersistentId, SessionId, SessionName, ViewId, hash_parts};
 use synq_reflector::ReflectorConfig;
 use synq_reflector::inproc::{EmbeddedReflector, InProcessHandle};
 
 use crate::client::{ModelWorld, Outbox, SessionIds, SynqClient};
 use crate::config::SessionConfig;
 use crate::model::app::{ModelApp, ModelPlugin, WorldSettings};
-use crate::snapshot::fingerprint;
 use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
 use crate::transport::Connector;
 
@@ -35,6 +35,8 @@ pub enum ReflectorTarget {
     Embedded,
     /// An in-process reflector already running (several apps in one process, tests).
     InProcess(InProcessHandle),
+    /// A `synq-reflector` over UDP (renet + netcode) at this address.
+    Udp(std::net::SocketAddr),
     /// Any other transport.
     Custom(Arc<Mutex<Option<Box<dyn Connector>>>>),
 }
@@ -82,19 +84,44 @@ fn random_view_id() -> ViewId {
     ViewId(chacha20poly1305::aead::OsRng.next_u64())
 }
 
-/// Computes the code hash of a model: its registrations in order and the source text fed in.
+/// Computes the code hash of a model: its registrations in order and the source text fed in
+/// (see [`SessionConfig::with_model_source`]).
 pub fn model_code_hash(model: &dyn ModelPlugin, session: &SessionConfig) -> CodeHash {
-    if let Some(forced) = session.code_hash_override {
-        return forced;
-    }
     let probe = ModelApp::build(WorldSettings { step_ms: session.step_ms, seed: [0; 32] }, model);
-    let registry = fingerprint(&probe.registry);
-    let mut parts: Vec<&[u8]> = vec![b"bevy_synq code v1", &registry];
-    for (name, text) in &session.model_sources {
-        parts.push(name.as_bytes());
-        parts.push(text.as_bytes());
+    let mut hasher = CodeHasher::new();
+    for (kind, name) in &probe.registry.signature {
+        hasher.registered(kind, name);
     }
-    CodeHash(hash_parts(&parts))
+    for (name, text) in &session.model_sources {
+        hasher.source(name, text);
+    }
+    if let Some(forced) = session.code_hash_override {
+        hasher.hash_override(forced);
+    }
+    hasher.finish()
+}
+
+/// The options that make up a session's identity besides the code.
+#[derive(serde::Serialize)]
+struct IdentityOptions {
+    step_ms: u32,
+    snapshot_every_ms: u64,
+    snapshot_every_events: u32,
+}
+
+/// Derives the ids of a session, checking the app id and the name.
+pub fn session_ids(model: &dyn ModelPlugin, session: &SessionConfig) -> Result<(PersistentId, SessionId), String> {
+    let app = AppId::new(&session.app_id).map_err(|e| e.to_string())?;
+    let name = SessionName::new(&session.name).map_err(|e| e.to_string())?;
+    let persistent = PersistentId::derive(&app, &name, &IdOptions::none());
+    let options = IdOptions::from_serialize(&IdentityOptions {
+        step_ms: session.step_ms,
+        snapshot_every_ms: session.snapshot_policy.every_ms,
+        snapshot_every_events: session.snapshot_policy.every_events,
+    })
+    .map_err(|e| e.to_string())?;
+    let code = model_code_hash(model, session);
+    Ok((persistent, SessionId::derive(&persistent, &code, env!("CARGO_PKG_VERSION"), &options)))
 }
 
 impl Plugin for SynqPlugin {
@@ -110,25 +137,30 @@ impl Plugin for SynqPlugin {
         }
         drop(probe);
 
-        let code_hash = model_code_hash(self.model.as_ref(), &session);
-        let persistent =
-            PersistentId(hash_parts(&[b"bevy_synq persistent v1", session.app_id.as_bytes(), session.name.as_bytes()]));
-        let options = format!(
-            "step_ms={};snapshot_every_ms={};snapshot_every_events={}",
-            session.step_ms, session.snapshot_policy.every_ms, session.snapshot_policy.every_events
-        );
-        let session_id = SessionId(hash_parts(&[
-            b"bevy_synq session v1",
-            persistent.as_bytes(),
-            code_hash.as_bytes(),
-            env!("CARGO_PKG_VERSION").as_bytes(),
-            options.as_bytes(),
-        ]));
+        app.init_resource::<ModelWorld>()
+            .insert_resource(outbox)
+            .insert_resource(SynqStatus::Connecting)
+            .add_message::<SynqStatus>()
+            .add_message::<DivergenceDetected>()
+            .add_message::<SynqProblem>();
+        let (persistent, session_id) = match session_ids(self.model.as_ref(), &session) {
+            Ok(ids) => ids,
+            Err(reason) => {
+                error!("bevy_synq: cannot join: {reason}");
+                app.insert_resource(SynqStatus::Disconnected { reason });
+                return;
+            }
+        };
         let view = session.view_id.unwrap_or_else(random_view_id);
         let ids = SessionIds { session: session_id, persistent, view };
         let key = match SessionKey::derive(&session.password, &persistent, session.kdf) {
             Ok(key) => key,
-            Err(e) => panic!("bevy_synq: cannot derive the session key: {e}"),
+            Err(e) => {
+                let reason = format!("cannot derive the session key: {e}");
+                error!("bevy_synq: {reason}");
+                app.insert_resource(SynqStatus::Disconnected { reason });
+                return;
+            }
         };
         let seed = hash_parts(&[b"bevy_synq rng seed v1", session_id.as_bytes()]);
 
@@ -140,6 +172,9 @@ impl Plugin for SynqPlugin {
                 Box::new(handle)
             }
             ReflectorTarget::InProcess(handle) => Box::new(handle.clone()),
+            ReflectorTarget::Udp(addr) => {
+                Box::new(crate::transport::udp::UdpConnector::new(*addr, synq_reflector::server::DEFAULT_PROTOCOL_ID))
+            }
             ReflectorTarget::Custom(slot) => slot
                 .lock()
                 .ok()
@@ -154,12 +189,6 @@ impl Plugin for SynqPlugin {
         );
 
         app.insert_resource(SynqClient::new(session, ids, key, self.model.clone(), seed, connector))
-            .insert_resource(outbox)
-            .init_resource::<ModelWorld>()
-            .insert_resource(SynqStatus::Connecting)
-            .add_message::<SynqStatus>()
-            .add_message::<DivergenceDetected>()
-            .add_message::<SynqProblem>()
             .configure_sets(PreUpdate, (SynqSystems::Receive, SynqSystems::Simulate).chain())
             .add_systems(PreUpdate, receive_and_simulate.in_set(SynqSystems::Simulate))
             .add_systems(PostUpdate, send.in_set(SynqSystems::Send));

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 
 use crate::model::ids::{ModelId, ModelIdAllocator};
+use crate::model::persist::PersistState;
 use crate::model::registry::ModelRegistry;
 use crate::model::rng::ModelRng;
 use crate::model::runtime::{ModelViews, SnapshotBook};
@@ -58,6 +59,7 @@ struct RuntimeState {
     views: BTreeSet<synq_protocol::ViewId>,
     ids: ModelIdAllocator,
     book: SnapshotBook,
+    persist: PersistState,
 }
 
 /// The fingerprint of a registry: the hash of its registrations in order.
@@ -101,6 +103,7 @@ pub(crate) fn capture(world: &mut World, registry: &ModelRegistry) -> Result<Vec
         views: world.resource::<ModelViews>().views.clone(),
         ids: *world.resource::<ModelIdAllocator>(),
         book: world.resource::<SnapshotBook>().clone(),
+        persist: world.resource::<PersistState>().clone(),
     };
     postcard::to_io(&state, &mut out).map_err(encode_err("the runtime state"))?;
 
@@ -152,6 +155,7 @@ pub(crate) fn restore(bytes: &[u8], world: &mut World, registry: &ModelRegistry)
     world.resource_mut::<ModelViews>().views = state.views;
     world.insert_resource(state.ids);
     world.insert_resource(state.book);
+    world.insert_resource(state.persist);
 
     for entry in &registry.resources {
         let (&present, after) = rest.split_first().ok_or_else(|| SnapshotError::Foreign("truncated".into()))?;

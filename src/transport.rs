@@ -44,3 +44,4 @@ impl Connector for InProcessHandle {
     }
 }
 
+pub mod udp;

@@ -21,7 +21,10 @@ fn a_joiner_with_the_wrong_password_is_refused_clearly() {
         }
         other => panic!("the intruder is {other:?}"),
     }
-    assert!(h.apps[intruder].world().resource::<bevy_synq::ModelWorld>().runtime().is_none(), "no model for the intruder");
+    assert!(
+        h.apps[intruder].world().resource::<bevy_synq::ModelWorld>().runtime().is_none(),
+        "no model for the intruder"
+    );
     // The rightful replica is undisturbed.
     h.run_rounds(5, 100);
     assert!(common::status(&h.apps[0]).is_synced());

@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 
 use super::events::{ViewMessageIndex, ViewOutbox};
 use super::ids::{ModelEntities, ModelId, ModelIdAllocator};
+use super::persist::{Migrations, PersistOutbox, PersistState, PersistVersion, Persisted};
 use super::registry::ModelRegistry;
+use super::registry::PersistenceEntry;
 use super::rng::ModelRng;
 use super::runtime::{ModelViews, SnapshotBook};
 use super::time::{FutureQueue, ModelInit, ModelTime, ModelUpdate};
@@ -85,6 +87,8 @@ impl ModelApp {
         world.insert_resource(SnapshotBook::default());
         world.insert_resource(ModelEntities::default());
         world.insert_resource(ViewOutbox::default());
+        world.insert_resource(PersistState::default());
+        world.insert_resource(PersistOutbox::default());
         world.register_component::<ModelId>();
         for label in [ModelInit.intern(), ModelUpdate.intern()] {
             let mut schedule = Schedule::new(label);
@@ -162,6 +166,39 @@ impl ModelApp {
             let index = (self.registry.view_messages.len() - 1) as u16;
             self.world.get_resource_or_init::<ViewMessageIndex>().by_type.insert(std::any::TypeId::of::<T>(), index);
         }
+        self
+    }
+
+    /// Gives the model persistence across code versions: documents of type `T` (the current
+    /// version, see [`Migrations`]) are persisted with
+    /// [`PersistSession`](crate::PersistSession), and when a never-seen session of the same app
+    /// id and name starts, `ModelInit` finds the latest one, migrated, in
+    /// `Res<Persisted<T>>`.
+    pub fn add_persistence<T: serde::Serialize + DeserializeOwned + Send + Sync + 'static>(
+        &mut self,
+        migrations: Migrations<T>,
+    ) -> &mut Self {
+        let version = migrations.current();
+        self.registry.signature.push(("persistence", std::any::type_name::<T>()));
+        self.world.insert_resource(PersistVersion(version));
+        self.registry.persistence = Some(PersistenceEntry {
+            load: Box::new(move |world, json| {
+                let (persisted, error) = match json.map(|json| migrations.load(json)) {
+                    None => (Persisted::<T> { data: None, stored_version: None, error: None }, None),
+                    Some(Ok((data, stored))) => {
+                        (Persisted { data: Some(data), stored_version: Some(stored), error: None }, None)
+                    }
+                    Some(Err(error)) => {
+                        (Persisted { data: None, stored_version: None, error: Some(error.clone()) }, Some(error))
+                    }
+                };
+                world.insert_resource(persisted);
+                error
+            }),
+            remove: |world| {
+                world.remove_resource::<Persisted<T>>();
+            },
+        });
         self
     }
 

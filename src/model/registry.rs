@@ -53,9 +53,19 @@ pub(crate) struct ViewMessageEntry {
     pub deliver: fn(&mut World, Box<dyn Any + Send + Sync>),
 }
 
+/// Inserts `Persisted<T>` from the persisted JSON (if any); returns the load error, if any.
+pub(crate) type PersistLoader = Box<dyn Fn(&mut World, Option<&[u8]>) -> Option<String> + Send + Sync>;
+
+/// Loads persisted data into `Persisted<T>` before `ModelInit`, and removes it after.
+pub(crate) struct PersistenceEntry {
+    pub load: PersistLoader,
+    pub remove: fn(&mut World),
+}
+
 /// Everything a model registered, in order.
 #[derive(Default)]
 pub(crate) struct ModelRegistry {
+    pub persistence: Option<PersistenceEntry>,
     pub components: Vec<ComponentEntry>,
     pub resources: Vec<ResourceEntry>,
     pub view_events: Vec<ViewEventEntry>,

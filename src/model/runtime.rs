@@ -10,6 +10,7 @@ use synq_protocol::{Hash32, INITIAL_SEQ, ViewId};
 use super::app::{ModelApp, ModelPlugin, WorldSettings};
 use super::events::{ViewExited, ViewJoined, ViewOutbox};
 use super::ids::ModelId;
+use super::persist::{PersistOutbox, PersistState};
 use super::registry::ModelRegistry;
 use super::time::{FutureKind, FutureQueue, ModelInit, ModelTime, ModelUpdate};
 use crate::snapshot::{self, SnapshotError};
@@ -98,6 +99,9 @@ pub struct SnapshotPoint {
 /// Something in the model that the app should hear about; the same on every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelProblem {
+    /// The persisted data handed to this fresh session could not be opened or loaded. The
+    /// session runs without it, and persisting is disabled so that the stored data is kept.
+    PersistLoadFailed(String),
     /// A view event could not be decoded (unknown type or bad encoding); it was skipped.
     BadViewEvent {
         /// Who sent it.
@@ -169,6 +173,8 @@ pub struct ModelRuntime {
     pub(crate) points: Vec<SnapshotPoint>,
     /// Problems found since the owner last drained them.
     pub(crate) problems: Vec<ModelProblem>,
+    /// Persist requests since the owner last drained them.
+    pub(crate) persist_requests: Vec<super::persist::PersistRequest>,
     reported: BTreeSet<String>,
 }
 
@@ -184,13 +190,31 @@ impl ModelRuntime {
         plugin: Arc<dyn ModelPlugin>,
         settings: WorldSettings,
         policy: SnapshotPolicy,
-        init: impl FnOnce(&mut World),
+        persisted: Option<Result<Vec<u8>, String>>,
     ) -> Self {
         let (mut world, registry) = Self::build(&plugin, settings);
         world.resource_mut::<SnapshotBook>().last_external_seq = INITIAL_SEQ;
-        init(&mut world);
+        let mut problems = Vec::new();
+        let (json, open_error) = match persisted {
+            Some(Ok(json)) => (Some(json), None),
+            Some(Err(error)) => (None, Some(error)),
+            None => (None, None),
+        };
+        if let Some(entry) = &registry.persistence {
+            let load_error = (entry.load)(&mut world, json.as_deref());
+            if let Some(error) = open_error.or(load_error) {
+                problems.push(ModelProblem::PersistLoadFailed(error.clone()));
+                world.resource_mut::<PersistState>().disabled = Some(error);
+            } else if json.is_some() {
+                world.resource_mut::<PersistState>().loading = true;
+            }
+        }
         world.run_schedule(ModelInit);
         world.flush();
+        if let Some(entry) = &registry.persistence {
+            (entry.remove)(&mut world);
+        }
+        world.resource_mut::<PersistState>().loading = false;
         world.resource_mut::<FutureQueue>().push(0, FutureKind::Step);
         let mut runtime = Self {
             world,
@@ -199,9 +223,11 @@ impl ModelRuntime {
             settings,
             policy,
             points: Vec::new(),
-            problems: Vec::new(),
+            problems,
+            persist_requests: Vec::new(),
             reported: BTreeSet::new(),
         };
+        runtime.collect_persist_requests();
         runtime.snapshot_point();
         runtime
     }
@@ -223,6 +249,7 @@ impl ModelRuntime {
             policy,
             points: Vec::new(),
             problems: Vec::new(),
+            persist_requests: Vec::new(),
             reported: BTreeSet::new(),
         })
     }
@@ -230,11 +257,15 @@ impl ModelRuntime {
     /// Starts a model fresh, outside any session (tools, replays, benchmarks).
     pub fn start_fresh(model: impl ModelPlugin, options: RuntimeOptions) -> Self {
         let settings = WorldSettings { step_ms: options.step_ms, seed: options.seed };
-        Self::fresh(Arc::new(model), settings, options.snapshot_policy, |_| {})
+        Self::fresh(Arc::new(model), settings, options.snapshot_policy, None)
     }
 
     /// Restores a model from a snapshot, outside any session.
-    pub fn from_snapshot(model: impl ModelPlugin, options: RuntimeOptions, bytes: &[u8]) -> Result<Self, SnapshotError> {
+    pub fn from_snapshot(
+        model: impl ModelPlugin,
+        options: RuntimeOptions,
+        bytes: &[u8],
+    ) -> Result<Self, SnapshotError> {
         let settings = WorldSettings { step_ms: options.step_ms, seed: options.seed };
         Self::restore(Arc::new(model), settings, options.snapshot_policy, bytes)
     }
@@ -264,7 +295,13 @@ impl ModelRuntime {
     }
 
     /// Executes a join/leave notice as if the reflector had stamped it with `time` and `seq`.
-    pub fn execute_users(&mut self, time: u64, seq: u32, joined: Vec<ViewId>, left: Vec<ViewId>) -> Result<(), RuntimeError> {
+    pub fn execute_users(
+        &mut self,
+        time: u64,
+        seq: u32,
+        joined: Vec<ViewId>,
+        left: Vec<ViewId>,
+    ) -> Result<(), RuntimeError> {
         self.execute(External { time, seq, body: ExternalBody::Users { joined, left, reset: false } })
     }
 
@@ -317,8 +354,7 @@ impl ModelRuntime {
 
     /// Runs every future message due up to `time`, then sets model time to `time`.
     pub(crate) fn advance_to(&mut self, time: u64) {
-        loop {
-            let Some(message) = self.world.resource_mut::<FutureQueue>().pop_due(time) else { break };
+        while let Some(message) = self.world.resource_mut::<FutureQueue>().pop_due(time) {
             self.set_time(message.time);
             match message.kind {
                 FutureKind::Step => {
@@ -339,6 +375,7 @@ impl ModelRuntime {
                         self.problems.push(ModelProblem::BadTimer(reason));
                     }
                 }
+                FutureKind::PersistFlush => super::persist::flush(&mut self.world),
             }
             self.world.flush();
             self.after_message();
@@ -416,7 +453,13 @@ impl ModelRuntime {
         }
     }
 
+    fn collect_persist_requests(&mut self) {
+        let requests = std::mem::take(&mut self.world.resource_mut::<PersistOutbox>().0);
+        self.persist_requests.extend(requests);
+    }
+
     fn after_message(&mut self) {
+        self.collect_persist_requests();
         let now = self.now_ms();
         let book = self.world.resource::<SnapshotBook>();
         let due = book.requested
@@ -475,10 +518,11 @@ impl ModelRuntime {
             let names = || archetype.iter_components().filter_map(|id| components.get_name(id)).map(|n| n.to_string());
             if model_id.is_some_and(|id| archetype.contains(id)) {
                 for id in archetype.iter_components() {
-                    if Some(id) != model_id && !registered.contains(&id) {
-                        if let Some(name) = components.get_name(id) {
-                            unregistered.insert(name.to_string());
-                        }
+                    if Some(id) != model_id
+                        && !registered.contains(&id)
+                        && let Some(name) = components.get_name(id)
+                    {
+                        unregistered.insert(name.to_string());
                     }
                 }
             } else if names().all(|n| !n.starts_with("bevy_ecs::")) {

@@ -53,6 +53,8 @@ pub(crate) enum FutureKind {
     Step,
     /// Trigger the registered timer event with this index, decoded from the payload.
     Timer { event: u16, payload: Vec<u8> },
+    /// Upload the newest deferred persisted document (the end of a cool-off).
+    PersistFlush,
 }
 
 /// A message the model sent to its own future.

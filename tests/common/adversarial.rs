@@ -105,6 +105,7 @@ fn on_exit(exited: On<ViewExited>, players: Query<(Entity, &Player)>, mut comman
     }
 }
 
+#[allow(clippy::too_many_arguments)] // a handler that touches everything, on purpose
 fn on_input(
     input: On<FromView<Input>>,
     players: Query<(&Player, &ModelId, &Body)>,
@@ -140,10 +141,10 @@ fn on_input(
         }
         Input::Poke(raw) => {
             stats.pokes += 1;
-            if let Some(entity) = entities.get(ModelId::from_raw(raw)) {
-                if let Ok(mut health) = healths.get_mut(entity) {
-                    health.0 -= 1;
-                }
+            if let Some(entity) = entities.get(ModelId::from_raw(raw))
+                && let Ok(mut health) = healths.get_mut(entity)
+            {
+                health.0 -= 1;
             }
         }
         Input::Burst(n) => {
@@ -226,7 +227,7 @@ fn toggle_charge(
             commands.entity(entity).remove::<Charged>();
         }
     }
-    if time.steps() % 7 == 0 {
+    if time.steps().is_multiple_of(7) {
         for (entity, health) in &plain {
             if health.0 % 2 == 0 {
                 commands.entity(entity).insert(Charged(0));
@@ -253,10 +254,10 @@ fn chase(
         if candidates.len() >= 2 {
             let hunter = candidates[rng.index(candidates.len())];
             let prey = candidates[rng.index(candidates.len())];
-            if hunter != prey {
-                if let Some(entity) = entities.get(hunter) {
-                    commands.entity(entity).insert(Chasing(prey));
-                }
+            if hunter != prey
+                && let Some(entity) = entities.get(hunter)
+            {
+                commands.entity(entity).insert(Chasing(prey));
             }
         }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod adversarial;
+pub mod process;
 
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
@@ -124,7 +125,8 @@ impl Harness {
             hashes.iter().map(|h| hex(&h[..6])).collect::<Vec<_>>()
         );
         let mut shared = 0;
-        let mut by_point: BTreeMap<(u64, u32), Vec<(usize, [u8; 32])>> = BTreeMap::new();
+        type Votes = Vec<(usize, [u8; 32])>;
+        let mut by_point: BTreeMap<(u64, u32), Votes> = BTreeMap::new();
         for (i, app) in self.apps.iter().enumerate() {
             for HashRecord { time, seq, hash } in app.world().resource::<SynqClient>().hash_history() {
                 by_point.entry((*time, *seq)).or_default().push((i, *hash));
@@ -162,7 +164,7 @@ pub struct Divergences(pub Vec<DivergenceDetected>);
 #[derive(Resource, Default)]
 pub struct Problems(pub Vec<SynqProblem>);
 
-fn record_problems(mut reader: MessageReader<SynqProblem>, mut all: ResMut<Problems>) {
+pub fn record_problems(mut reader: MessageReader<SynqProblem>, mut all: ResMut<Problems>) {
     all.0.extend(reader.read().cloned());
 }
 

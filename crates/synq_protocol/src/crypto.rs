@@ -2,17 +2,21 @@
 //!
 //! * The key is Argon2id(password, salt derived from the persistent id), so it stays the same
 //!   across code versions and persisted data remains readable.
-//! * Every payload is sealed with XChaCha20-Poly1305 under a fresh random 24-byte nonce, with
+//! * Every payload is sealed with XChaCha20-Poly1305 under a unique 24-byte nonce (16 bytes drawn
+//!   from the OS once per [`SessionKey`], then a 64-bit counter: unique without a system call
+//!   per seal; two keys picking the same 128-bit prefix is a 2⁻⁶⁴ event even among 2³² keys), with
 //!   associated data that binds the ciphertext to its [`SealKind`] and to its session (and, for
 //!   events, to the sending view). A reflector can therefore neither read a payload nor move it
 //!   to another session, another kind or another sender without the open failing.
 
 use crate::ids::{Hash32, PersistentId, SessionId, ViewId, hash_parts};
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::aead::rand_core::RngCore;
+use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use zeroize::Zeroizing;
+use std::sync::atomic::{AtomicU64, Ordering};
+use zeroize::{ZeroizeOnDrop, Zeroizing};
 
 /// What a sealed payload is; bound into its associated data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,7 +68,7 @@ impl Binding {
 /// A sealed payload: nonce and ciphertext (with its 16-byte tag).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sealed {
-    /// The random 24-byte XChaCha20 nonce.
+    /// The 24-byte XChaCha20 nonce (never reused under one key).
     pub nonce: [u8; 24],
     /// Ciphertext followed by the Poly1305 tag.
     #[serde(with = "serde_bytes")]
@@ -128,11 +132,29 @@ impl Default for KdfParams {
     }
 }
 
-/// The key of a session, derived from its password. Zeroized on drop.
+/// The key of a session, derived from its password.
+///
+/// Zeroized on drop: the cipher wipes its key in its own `Drop` (chacha20poly1305 0.10 does so
+/// unconditionally), the vote key is [`Zeroizing`], and the intermediate master and seal keys and
+/// Argon2's working memory (the `zeroize` feature of argon2) are wiped as soon as they are used.
+/// A test checks the memory of a dropped key.
 pub struct SessionKey {
     cipher: XChaCha20Poly1305,
     vote_key: Zeroizing<[u8; 32]>,
+    /// Random per key: the first 16 bytes of every nonce (public, it travels with each seal).
+    nonce_prefix: [u8; 16],
+    /// The last 8 bytes of the next nonce.
+    nonce_counter: AtomicU64,
 }
+
+// Both fields wipe themselves on drop; this fails to compile if that ever stops being true.
+const _: () = {
+    const fn wipes<T: ZeroizeOnDrop>() {}
+    wipes::<XChaCha20Poly1305>();
+    wipes::<Zeroizing<[u8; 32]>>();
+};
+
+impl ZeroizeOnDrop for SessionKey {}
 
 impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -158,7 +180,22 @@ impl SessionKey {
     pub fn from_master(master: &[u8; 32]) -> Self {
         let seal_key = Zeroizing::new(hash_parts(&[b"bevy_synq seal key v1", master]));
         let vote_key = Zeroizing::new(hash_parts(&[b"bevy_synq vote key v1", master]));
-        Self { cipher: XChaCha20Poly1305::new(seal_key.as_ref().into()), vote_key }
+        let mut nonce_prefix = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce_prefix);
+        Self {
+            cipher: XChaCha20Poly1305::new(seal_key.as_ref().into()),
+            vote_key,
+            nonce_prefix,
+            nonce_counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next_nonce(&self) -> XNonce {
+        let count = self.nonce_counter.fetch_add(1, Ordering::Relaxed);
+        let mut nonce = [0u8; 24];
+        nonce[..16].copy_from_slice(&self.nonce_prefix);
+        nonce[16..].copy_from_slice(&count.to_le_bytes());
+        nonce.into()
     }
 
     fn aad(kind: SealKind, binding: &Binding) -> Vec<u8> {
@@ -170,8 +207,12 @@ impl SessionKey {
     }
 
     /// Seals `plaintext` as a payload of `kind` belonging to `binding`.
+    ///
+    /// # Panics
+    ///
+    /// Only if `plaintext` is longer than XChaCha20's 256 GiB keystream, far beyond any limit.
     pub fn seal(&self, kind: SealKind, binding: &Binding, plaintext: &[u8]) -> Sealed {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let nonce = self.next_nonce();
         let aad = Self::aad(kind, binding);
         let ciphertext = self
             .cipher
@@ -257,5 +298,100 @@ mod tests {
         let token = key("right").password_check(&session);
         assert!(key("right").verify_password_check(&session, &token).is_ok());
         assert_eq!(key("wrong").verify_password_check(&session, &token), Err(CryptoError::WrongPassword));
+    }
+
+    #[test]
+    fn wrong_password_message_is_exact() {
+        assert_eq!(CryptoError::WrongPassword.to_string(), "wrong session password");
+    }
+
+    #[test]
+    fn password_check_of_another_session_or_kind_fails() {
+        let k = key("right");
+        let token = k.password_check(&SessionId([3; 32]));
+        assert_eq!(k.verify_password_check(&SessionId([4; 32]), &token), Err(CryptoError::WrongPassword));
+        // A sealed event whose plaintext happens to be the session id is no password check.
+        let b = Binding::Session(SessionId([3; 32]));
+        let event = k.seal(SealKind::Event, &b, &[3; 32]);
+        assert_eq!(k.verify_password_check(&SessionId([3; 32]), &event), Err(CryptoError::WrongPassword));
+        let mut bad = token.clone();
+        bad.ciphertext.truncate(10);
+        assert_eq!(k.verify_password_check(&SessionId([3; 32]), &bad), Err(CryptoError::WrongPassword));
+    }
+
+    #[test]
+    fn tampered_nonce_or_tag_fails_and_bindings_are_distinct() {
+        let k = key("pw");
+        let id = [5; 32];
+        let b = Binding::Session(SessionId(id));
+        let s = k.seal(SealKind::Persisted, &b, b"doc");
+        let mut n = s.clone();
+        n.nonce[23] ^= 0x80;
+        assert_eq!(k.open(SealKind::Persisted, &b, &n), Err(CryptoError::Open));
+        let mut t = s.clone();
+        *t.ciphertext.last_mut().unwrap() ^= 1;
+        assert_eq!(k.open(SealKind::Persisted, &b, &t), Err(CryptoError::Open));
+        let mut extended = s.clone();
+        extended.ciphertext.push(0);
+        assert_eq!(k.open(SealKind::Persisted, &b, &extended), Err(CryptoError::Open));
+        // The same 32 bytes as a persistent id instead of a session id do not open it.
+        assert_eq!(k.open(SealKind::Persisted, &Binding::Persistent(PersistentId(id)), &s), Err(CryptoError::Open));
+        // Another persistent id (a key derived with another salt) does not open it either.
+        let other = SessionKey::derive("pw", &PersistentId([8; 32]), KdfParams::INSECURE_FAST).unwrap();
+        assert_eq!(other.open(SealKind::Persisted, &b, &s), Err(CryptoError::Open));
+        assert_eq!(k.open(SealKind::Persisted, &b, &s).unwrap(), b"doc");
+    }
+
+    #[test]
+    fn random_sealed_values_never_panic() {
+        let k = key("pw");
+        let b = Binding::Session(SessionId([1; 32]));
+        for len in 0..64usize {
+            let s = Sealed { nonce: [len as u8; 24], ciphertext: (0..len).map(|i| i as u8).collect() };
+            assert_eq!(k.open(SealKind::Snapshot, &b, &s), Err(CryptoError::Open));
+        }
+    }
+
+    #[test]
+    fn bad_kdf_params_are_an_error() {
+        let bad = KdfParams { memory_kib: 0, iterations: 0, parallelism: 0 };
+        assert!(matches!(SessionKey::derive("pw", &PersistentId([0; 32]), bad), Err(CryptoError::Params(_))));
+    }
+
+    /// Drops a key in place and checks that its memory no longer holds the key bytes.
+    #[test]
+    fn key_memory_is_wiped_on_drop() {
+        use std::mem::{MaybeUninit, size_of};
+        let master = [0x42u8; 32];
+        let seal_key = hash_parts(&[b"bevy_synq seal key v1", &master]);
+        let vote_key = hash_parts(&[b"bevy_synq vote key v1", &master]);
+        assert_eq!(size_of::<SessionKey>(), 88, "layout changed: review the SAFETY comment below");
+        let mut slot = MaybeUninit::new(SessionKey::from_master(&master));
+        let bytes = |slot: &MaybeUninit<SessionKey>| -> Vec<u8> {
+            // SAFETY: reads the slot's own bytes; SessionKey holds byte arrays and one AtomicU64
+            // (88 bytes, alignment 8, so no padding that could be uninitialised).
+            unsafe { std::slice::from_raw_parts(slot.as_ptr().cast::<u8>(), size_of::<SessionKey>()).to_vec() }
+        };
+        let find = |hay: &[u8], needle: &[u8; 32]| hay.windows(32).position(|w| w == needle);
+        let before = bytes(&slot);
+        let (Some(seal_at), Some(vote_at)) = (find(&before, &seal_key), find(&before, &vote_key)) else {
+            panic!("key layout changed: the key bytes are not inline");
+        };
+        // SAFETY: the slot was initialised above and is not used as a SessionKey afterwards.
+        unsafe { slot.assume_init_drop() };
+        let after = bytes(&slot);
+        assert_eq!(after[seal_at..seal_at + 32], [0; 32], "seal key left in memory");
+        assert_eq!(after[vote_at..vote_at + 32], [0; 32], "vote key left in memory");
+    }
+
+    #[test]
+    fn nonces_never_repeat() {
+        let k = key("pw");
+        let b = Binding::Session(SessionId([1; 32]));
+        let nonces: std::collections::HashSet<[u8; 24]> =
+            (0..1000).map(|_| k.seal(SealKind::Event, &b, b"x").nonce).collect();
+        assert_eq!(nonces.len(), 1000);
+        let other = key("pw").seal(SealKind::Event, &b, b"x").nonce;
+        assert!(!nonces.contains(&other), "two keys share a nonce prefix");
     }
 }

@@ -1,21 +1,27 @@
 //! # synq_protocol
 //!
 //! Everything that two parties of a bevy_synq session must agree on byte for byte, with no Bevy
-//! dependency: session identity and hashing ([`ids`]), end-to-end encryption ([`crypto`]), and the
+//! dependency: session identity and hashing ([`ids`], [`code_hash`]), [`canonical_json`] for
+//! hashed and persisted documents, end-to-end encryption ([`crypto`]), join [`link`]s, and the
 //! messages exchanged between clients and the reflector ([`wire`]) with their bounded binary
-//! [`codec`].
+//! [`codec`] and the [`chunk`]ing of frames larger than one transport message.
 //!
 //! The reflector links this crate too, but it only ever handles [`crypto::Sealed`] payloads: it has
 //! no key and therefore never sees plaintext.
 #![deny(missing_docs)]
 
+pub mod canonical_json;
+pub mod chunk;
+pub mod code_hash;
 pub mod codec;
 pub mod crypto;
 pub mod ids;
 pub mod limits;
+pub mod link;
 pub mod wire;
 
-pub use ids::{CodeHash, Hash32, PersistentId, SessionId, ViewId};
+pub use code_hash::CodeHasher;
+pub use ids::{AppId, CodeHash, Hash32, IdOptions, PersistentId, SessionId, SessionName, ViewId};
 pub use limits::Limits;
 pub use wire::{ClientMessage, ServerMessage};
 

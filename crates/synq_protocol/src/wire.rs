@@ -58,9 +58,20 @@ pub struct Join {
     pub resume_after: Option<u32>,
 }
 
-/// A client's vote at a snapshot point.
+/// What a vote decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum VotePurpose {
+    /// A snapshot point: the state hashes are compared, and one replica uploads the snapshot.
+    Snapshot,
+    /// A persist request: the documents are compared, and one replica uploads the document.
+    Persist,
+}
+
+/// A client's vote at a snapshot point or persist request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HashVote {
+    /// What the vote is about.
+    pub purpose: VotePurpose,
     /// Model time of the snapshot point.
     pub time: SessionTime,
     /// The last external sequence number executed before the snapshot point.
@@ -191,16 +202,18 @@ pub enum EventBody {
     SnapshotRequest,
 }
 
-/// The votes at a snapshot point, grouped by vote.
+/// The votes at a snapshot point or persist request, grouped by vote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
+    /// What the vote was about.
+    pub purpose: VotePurpose,
     /// Model time of the snapshot point.
     pub time: SessionTime,
     /// Its last external sequence number.
     pub seq: u32,
     /// One group per distinct vote, the consensus (largest, ties to the smaller vote) first.
     pub groups: Vec<VoteGroup>,
-    /// The client asked to upload the snapshot, if the reflector wants it.
+    /// The client asked to upload the snapshot or document, if the reflector wants it.
     pub uploader: Option<ViewId>,
 }
 

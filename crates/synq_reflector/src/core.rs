@@ -10,7 +10,7 @@ use std::sync::Arc;
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::wire::{
     ClientMessage, ErrorCode, ErrorMessage, EventBody, HashVote, Join, PersistRecord, ServerMessage, SessionTime,
-    SnapshotRecord, StampedEvent, Sync, SyncStart, Tally, VoteGroup,
+    SnapshotRecord, StampedEvent, Sync, SyncStart, Tally, VoteGroup, VotePurpose,
 };
 use synq_protocol::{INITIAL_SEQ, Limits, PROTOCOL_VERSION, seq_le};
 
@@ -181,14 +181,15 @@ impl Reflector {
                 // replayed by the next joiner, then pause session time.
                 flush_users(session, now, &mut self.storage, &mut self.outputs);
                 let time = session.time(now);
-                if let Some(storage) = self.storage.as_mut() {
-                    if let Err(error) = storage.mark_time(&session.id, time) {
-                        tracing::error!(session = %session.id, %error, "cannot record session time");
-                    }
+                if let Some(storage) = self.storage.as_mut()
+                    && let Err(error) = storage.mark_time(&session.id, time)
+                {
+                    tracing::error!(session = %session.id, %error, "cannot record session time");
                 }
                 session.paused_at = Some(time);
                 session.tallies.clear();
                 session.awaited_upload = None;
+                session.awaited_persist = None;
             }
         }
     }
@@ -237,10 +238,10 @@ impl Reflector {
             let time = session.time(now);
             if time >= session.last_mark + TIME_MARK_MS {
                 session.last_mark = time;
-                if let Some(storage) = self.storage.as_mut() {
-                    if let Err(error) = storage.mark_time(&session.id, time) {
-                        tracing::error!(session = %session.id, %error, "cannot record session time");
-                    }
+                if let Some(storage) = self.storage.as_mut()
+                    && let Err(error) = storage.mark_time(&session.id, time)
+                {
+                    tracing::error!(session = %session.id, %error, "cannot record session time");
                 }
             }
             let due: Vec<_> = session.tallies.iter().filter(|(_, t)| now >= t.deadline).map(|(k, _)| *k).collect();
@@ -312,6 +313,9 @@ impl Reflector {
         }
         let persisted = self.persisted_for(&join.persistent_id);
         let session = self.sessions.get_mut(&join.session_id).expect("opened above");
+        if session.persisted_vote.is_none() {
+            session.persisted_vote = persisted.as_ref().map(|p| p.vote);
+        }
         if session.has_view(join.view_id) {
             let msg = format!("view {} is already connected to this session", join.view_id);
             return self.close(client, error_message(ErrorCode::DuplicateView, msg));
@@ -387,6 +391,8 @@ impl Reflector {
             reset_pending: false,
             tallies: Default::default(),
             awaited_upload: None,
+            awaited_persist: None,
+            persisted_vote: None,
             requested_at: None,
         };
         match stored {
@@ -474,10 +480,10 @@ impl Reflector {
         let view = self.clients[&client].view;
         let window = self.config.tally_window_ms;
         let Some(session) = self.sessions.get_mut(&session_id) else { return };
-        if session.snapshot.as_ref().is_some_and(|s| s.time > vote.time) {
+        if vote.purpose == VotePurpose::Snapshot && session.snapshot.as_ref().is_some_and(|s| s.time > vote.time) {
             return; // older than what we hold: nothing to decide
         }
-        let key = (vote.time, vote.seq);
+        let key = (vote.purpose, vote.time, vote.seq);
         let tally =
             session.tallies.entry(key).or_insert_with(|| TallyState { votes: Vec::new(), deadline: now + window });
         if tally.votes.iter().any(|(v, _)| *v == view) {
@@ -526,20 +532,30 @@ impl Reflector {
 
     fn persist(&mut self, session_id: SessionId, client: ClientId, record: PersistRecord) {
         let limit = self.config.limits.max_persist_bytes;
-        let Some(session) = self.sessions.get(&session_id) else { return };
+        let view = self.clients[&client].view;
         if record.data.len() > limit {
             let msg = format!("persisted data of {} bytes exceeds {limit} bytes", record.data.len());
             self.send_error(client, ErrorCode::TooLarge, msg);
             return;
         }
+        let Some(session) = self.sessions.get_mut(&session_id) else { return };
+        let expected = session
+            .awaited_persist
+            .as_ref()
+            .is_some_and(|a| a.uploader == view && a.time == record.time && a.vote == record.vote);
+        if !expected {
+            return; // unsolicited or dissident: never overwrites the consensus data
+        }
+        session.awaited_persist = None;
+        session.persisted_vote = Some(record.vote);
         let vote = record.vote;
         let persistent_id = session.persistent_id;
-        if let Some(storage) = self.storage.as_mut() {
-            if let Err(error) = storage.store_persisted(&persistent_id, &record) {
-                tracing::error!(%persistent_id, %error, "cannot store persisted data");
-                self.send_error(client, ErrorCode::Unavailable, format!("persisted data not stored: {error}"));
-                return;
-            }
+        if let Some(storage) = self.storage.as_mut()
+            && let Err(error) = storage.store_persisted(&persistent_id, &record)
+        {
+            tracing::error!(%persistent_id, %error, "cannot store persisted data");
+            self.send_error(client, ErrorCode::Unavailable, format!("persisted data not stored: {error}"));
+            return;
         }
         self.persisted.insert(persistent_id, record);
         self.send(client, ServerMessage::PersistAccepted { vote });
@@ -599,8 +615,9 @@ fn broadcast_event(
     Ok(())
 }
 
-fn close_tally(session: &mut Session, key: (SessionTime, u32), outputs: &mut Vec<Output>) {
+fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outputs: &mut Vec<Output>) {
     let Some(tally) = session.tallies.remove(&key) else { return };
+    let (purpose, time, seq) = key;
     let mut groups: Vec<VoteGroup> = Vec::new();
     for (view, vote) in &tally.votes {
         match groups.iter_mut().find(|g| g.vote == *vote) {
@@ -612,275 +629,27 @@ fn close_tally(session: &mut Session, key: (SessionTime, u32), outputs: &mut Vec
         group.views.sort();
     }
     groups.sort_by(|a, b| b.views.len().cmp(&a.views.len()).then(a.vote.cmp(&b.vote)));
-    let wants_snapshot =
-        session.snapshot.as_ref().is_none_or(|s| s.time < key.0 || (s.time == key.0 && s.seq != key.1));
+    let wanted = match (purpose, groups.first()) {
+        (_, None) => false,
+        (VotePurpose::Snapshot, Some(_)) => {
+            session.snapshot.as_ref().is_none_or(|s| s.time < time || (s.time == time && s.seq != seq))
+        }
+        (VotePurpose::Persist, Some(consensus)) => session.persisted_vote != Some(consensus.vote),
+    };
     // The first voter of the consensus group uploads: it answered fastest.
     let uploader = match groups.first() {
-        Some(consensus) if wants_snapshot => tally.votes.iter().map(|(v, _)| *v).find(|v| consensus.views.contains(v)),
+        Some(consensus) if wanted => tally.votes.iter().map(|(v, _)| *v).find(|v| consensus.views.contains(v)),
         _ => None,
     };
     if let (Some(uploader), Some(consensus)) = (uploader, groups.first()) {
-        session.awaited_upload = Some(AwaitedUpload { time: key.0, seq: key.1, uploader, vote: consensus.vote });
+        let awaited = Some(AwaitedUpload { time, seq, uploader, vote: consensus.vote });
+        match purpose {
+            VotePurpose::Snapshot => session.awaited_upload = awaited,
+            VotePurpose::Persist => session.awaited_persist = awaited,
+        }
     }
-    let message = Arc::new(ServerMessage::Tally(Tally { time: key.0, seq: key.1, groups, uploader }));
+    let message = Arc::new(ServerMessage::Tally(Tally { purpose, time, seq, groups, uploader }));
     for (client, _) in &session.clients {
         outputs.push(Output::Send { client: *client, message: message.clone() });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use synq_protocol::crypto::Sealed;
-
-    const SESSION: SessionId = SessionId([1; 32]);
-
-    fn sealed(n: usize) -> Sealed {
-        Sealed { nonce: [0; 24], ciphertext: vec![7; n] }
-    }
-
-    fn join(view: u64) -> ClientMessage {
-        ClientMessage::Join(Join {
-            protocol: PROTOCOL_VERSION,
-            app_id: "io.example.test".into(),
-            api_key: None,
-            session_id: SESSION,
-            persistent_id: PersistentId([2; 32]),
-            view_id: ViewId(view),
-            tick_ms: 50,
-            password_check: sealed(16),
-            resume_after: None,
-        })
-    }
-
-    fn sent(r: &mut Reflector) -> Vec<(ClientId, ServerMessage)> {
-        r.drain_outputs()
-            .map(|o| match o {
-                Output::Send { client, message } => (client, (*message).clone()),
-                Output::Close { client, reason } => (client, ServerMessage::Error(reason)),
-            })
-            .collect()
-    }
-
-    fn events(out: &[(ClientId, ServerMessage)], client: ClientId) -> Vec<StampedEvent> {
-        out.iter()
-            .filter(|(c, _)| *c == client)
-            .filter_map(|(_, m)| match m {
-                ServerMessage::Event(e) => Some(e.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn joined(r: &mut Reflector, now: u64, client: ClientId, view: u64) -> Sync {
-        r.connect(now, client);
-        r.handle(now, client, join(view));
-        let out = sent(r);
-        match out.iter().find(|(c, _)| *c == client) {
-            Some((_, ServerMessage::Sync(sync))) => sync.clone(),
-            other => panic!("expected a sync, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn events_are_stamped_in_order_from_just_below_the_wrap_and_broadcast() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        let sync = joined(&mut r, 1000, 1, 10);
-        assert!(matches!(sync.start, SyncStart::Fresh { persisted: None }));
-        assert_eq!(sync.seq, INITIAL_SEQ);
-        joined(&mut r, 1000, 2, 20);
-        let mut seqs = Vec::new();
-        for i in 0..20 {
-            r.handle(1000 + i, 1, ClientMessage::Event(sealed(8)));
-            let out = sent(&mut r);
-            let to_1 = events(&out, 1);
-            assert_eq!(to_1, events(&out, 2), "both clients get the same stamped event");
-            seqs.push(to_1[0].seq);
-            assert_eq!(to_1[0].time, i);
-        }
-        assert_eq!(seqs[0], INITIAL_SEQ.wrapping_add(1));
-        assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
-        assert!(seqs.contains(&0), "wrapped around");
-    }
-
-    #[test]
-    fn ticks_only_after_silence() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        joined(&mut r, 0, 1, 10);
-        r.poll(30);
-        assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))));
-        r.handle(40, 1, ClientMessage::Event(sealed(8)));
-        r.poll(80);
-        assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))), "event at 40 resets the timer");
-        r.poll(90);
-        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tick(90))));
-        assert_eq!(r.next_deadline(), Some(140));
-    }
-
-    #[test]
-    fn joins_and_leaves_are_batched_and_cancel_out() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        joined(&mut r, 0, 1, 10);
-        joined(&mut r, 50, 2, 20);
-        r.disconnect(100, 2);
-        r.poll(250);
-        let out = sent(&mut r);
-        let users: Vec<_> = events(&out, 1).into_iter().map(|e| e.body).collect();
-        assert_eq!(users, vec![EventBody::Users { joined: vec![ViewId(10)], left: vec![], reset: false }]);
-    }
-
-    #[test]
-    fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        joined(&mut r, 0, 1, 10);
-        joined(&mut r, 0, 2, 20);
-        r.poll(300);
-        for _ in 0..5 {
-            r.handle(400, 1, ClientMessage::Event(sealed(8)));
-        }
-        let covered = INITIAL_SEQ.wrapping_add(4);
-        sent(&mut r);
-        let vote = HashVote { time: 400, seq: covered, vote: [9; 32] };
-        r.handle(401, 2, ClientMessage::HashVote(vote.clone()));
-        r.handle(402, 1, ClientMessage::HashVote(vote));
-        let out = sent(&mut r);
-        let tally = out
-            .iter()
-            .find_map(|(_, m)| match m {
-                ServerMessage::Tally(t) => Some(t.clone()),
-                _ => None,
-            })
-            .expect("tally once everyone voted");
-        assert_eq!(tally.groups.len(), 1);
-        assert_eq!(tally.uploader, Some(ViewId(20)), "the first voter uploads");
-        // An upload by someone else is ignored.
-        let record = SnapshotRecord { time: 400, seq: covered, vote: [9; 32], data: sealed(100) };
-        r.handle(403, 1, ClientMessage::SnapshotUpload(record.clone()));
-        assert!(r.snapshot(&SESSION).is_none());
-        r.handle(403, 2, ClientMessage::SnapshotUpload(record));
-        assert!(r.snapshot(&SESSION).is_some());
-        assert_eq!(r.buffered_events(&SESSION), Some(2), "events after the snapshot remain");
-        let sync = joined(&mut r, 500, 3, 30);
-        assert!(matches!(sync.start, SyncStart::Snapshot(ref s) if s.seq == covered));
-        assert_eq!(sync.events.len(), 2);
-        assert_eq!(sync.events[0].seq, covered.wrapping_add(1));
-    }
-
-    #[test]
-    fn divergent_votes_are_grouped_consensus_first() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        for (client, view) in [(1, 10), (2, 20), (3, 30)] {
-            joined(&mut r, 0, client, view);
-        }
-        sent(&mut r);
-        r.handle(10, 1, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [1; 32] }));
-        r.handle(10, 2, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [2; 32] }));
-        r.handle(10, 3, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [2; 32] }));
-        let tally = sent(&mut r)
-            .into_iter()
-            .find_map(|(_, m)| match m {
-                ServerMessage::Tally(t) => Some(t),
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(tally.groups[0].views, vec![ViewId(20), ViewId(30)]);
-        assert_eq!(tally.groups[1].views, vec![ViewId(10)]);
-        assert_eq!(tally.uploader, Some(ViewId(20)));
-    }
-
-    #[test]
-    fn a_tally_closes_after_its_window_without_every_vote() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        joined(&mut r, 0, 1, 10);
-        joined(&mut r, 0, 2, 20);
-        sent(&mut r);
-        r.handle(10, 1, ClientMessage::HashVote(HashVote { time: 5, seq: 1, vote: [1; 32] }));
-        r.poll(500);
-        assert!(!sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
-        r.poll(1010);
-        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
-    }
-
-    #[test]
-    fn bad_clients_get_clear_errors() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        r.connect(0, 1);
-        r.handle(0, 1, ClientMessage::Event(sealed(8)));
-        assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::NotJoined));
-
-        r.connect(0, 2);
-        let ClientMessage::Join(mut old) = join(5) else { unreachable!() };
-        old.protocol = 99;
-        r.handle(0, 2, ClientMessage::Join(old));
-        assert!(matches!(&sent(&mut r)[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::ProtocolVersion));
-
-        joined(&mut r, 0, 3, 30);
-        r.connect(0, 4);
-        r.handle(0, 4, join(30));
-        assert!(matches!(&sent(&mut r)[..], [(4, ServerMessage::Error(e))] if e.code == ErrorCode::DuplicateView));
-
-        r.handle(0, 3, ClientMessage::Event(sealed(20_000)));
-        assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::TooLarge));
-    }
-
-    #[test]
-    fn a_full_buffer_asks_for_a_snapshot_then_refuses_events() {
-        let config = ReflectorConfig { request_snapshot_at: 5, max_buffered_events: 8, ..Default::default() };
-        let mut r = Reflector::new(config);
-        joined(&mut r, 0, 1, 10);
-        sent(&mut r);
-        let mut requested = false;
-        for _ in 0..7 {
-            r.handle(1, 1, ClientMessage::Event(sealed(8)));
-            requested |= events(&sent(&mut r), 1).iter().any(|e| e.body == EventBody::SnapshotRequest);
-        }
-        assert!(requested);
-        r.handle(1, 1, ClientMessage::Event(sealed(8)));
-        assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::BufferFull));
-    }
-
-    #[test]
-    fn session_time_pauses_while_empty() {
-        let mut r = Reflector::new(ReflectorConfig::default());
-        joined(&mut r, 1000, 1, 10);
-        r.disconnect(3000, 1);
-        let sync = joined(&mut r, 60_000, 2, 20);
-        assert_eq!(sync.time, 2000);
-    }
-
-    #[test]
-    fn a_restarted_reflector_resumes_its_sessions_from_storage() {
-        let dir = std::env::temp_dir().join(format!("synq-core-restart-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let storage = || Box::new(crate::storage::DiskStorage::open(&dir).unwrap());
-        let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
-        joined(&mut r, 1000, 1, 10);
-        r.poll(1300);
-        for i in 0..5 {
-            r.handle(1400 + i, 1, ClientMessage::Event(sealed(8)));
-        }
-        r.poll(2500);
-        let before = sent(&mut r);
-        let last = events(&before, 1).last().cloned().unwrap();
-        let last_tick = before
-            .iter()
-            .filter_map(|(_, m)| match m {
-                ServerMessage::Tick(t) => Some(*t),
-                _ => None,
-            })
-            .max()
-            .unwrap();
-        drop(r); // as if killed: nothing flushed
-
-        let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
-        let sync = joined(&mut r, 50, 2, 20);
-        assert!(matches!(sync.start, SyncStart::Fresh { .. }), "no snapshot was stored");
-        assert_eq!(sync.seq, last.seq, "sequence numbers continue");
-        assert_eq!(sync.events.last(), Some(&last), "every acknowledged event survived");
-        assert!(sync.time >= last_tick, "session time continues: {} < {last_tick}", sync.time);
-        r.poll(300);
-        let users = events(&sent(&mut r), 2);
-        assert!(matches!(&users[0].body, EventBody::Users { reset: true, .. }), "{users:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

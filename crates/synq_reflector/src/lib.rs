@@ -13,6 +13,7 @@
 
 mod core;
 pub mod inproc;
+pub mod server;
 mod session;
 pub mod storage;
 

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use synq_protocol::crypto::Sealed;
 use synq_protocol::ids::{Hash32, PersistentId, SessionId, ViewId};
-use synq_protocol::wire::{SessionTime, SnapshotRecord, StampedEvent};
+use synq_protocol::wire::{SessionTime, SnapshotRecord, StampedEvent, VotePurpose};
 
 use crate::core::ClientId;
 
@@ -21,7 +21,7 @@ pub(crate) struct TallyState {
     pub deadline: u64,
 }
 
-/// A snapshot the reflector asked a client to upload.
+/// A snapshot or document the reflector asked a client to upload.
 pub(crate) struct AwaitedUpload {
     pub time: SessionTime,
     pub seq: u32,
@@ -53,8 +53,12 @@ pub(crate) struct Session {
     pub clients: Vec<(ClientId, ViewId)>,
     pub users: UsersBatch,
     pub reset_pending: bool,
-    pub tallies: BTreeMap<(SessionTime, u32), TallyState>,
+    pub tallies: BTreeMap<(VotePurpose, SessionTime, u32), TallyState>,
     pub awaited_upload: Option<AwaitedUpload>,
+    /// The persisted-data upload the reflector asked for.
+    pub awaited_persist: Option<AwaitedUpload>,
+    /// Vote of the persisted data stored for this session's persistent id.
+    pub persisted_vote: Option<Hash32>,
     /// Buffered-event count at which the last snapshot request was sent.
     pub requested_at: Option<usize>,
 }

@@ -280,7 +280,10 @@ impl DiskStorage {
                 let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
                 let sum = bytes.get(at + 4..at + 12)?;
                 let body = bytes.get(at + 12..at + 12 + len)?;
-                (sum == checksum(body)).then(|| postcard::from_bytes::<LogRecord>(body).ok()).flatten().map(|r| (r, 12 + len))
+                (sum == checksum(body))
+                    .then(|| postcard::from_bytes::<LogRecord>(body).ok())
+                    .flatten()
+                    .map(|r| (r, 12 + len))
             })();
             match good {
                 Some((LogRecord::Event(event), used)) => {
@@ -381,8 +384,11 @@ mod tests {
     pub(crate) fn temp_dir(name: &str) -> PathBuf {
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir()
-            .join(format!("synq-storage-{name}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "synq-storage-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_dir_all(&dir);
         dir
     }

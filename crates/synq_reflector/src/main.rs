@@ -1,0 +1,93 @@
+//! `synq-reflector`: the bevy_synq reflector as a UDP server.
+//!
+//! ```text
+//! synq-reflector --listen 127.0.0.1:5800 --data-dir ./synq-data
+//! ```
+//!
+//! Once bound it prints `synq-reflector listening on udp://ADDR` on stdout. Logs go to stderr; `RUST_LOG` filters them (default `info`). Ctrl-C or SIGTERM stops it
+//! gracefully: every client is told [`ErrorCode::ShuttingDown`], then it exits with status 0.
+//! A second signal exits at once.
+//!
+//! [`ErrorCode::ShuttingDown`]: synq_protocol::wire::ErrorCode::ShuttingDown
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use synq_reflector::ReflectorConfig;
+use synq_reflector::server::{
+    DEFAULT_LISTEN, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT, UdpReflector, UdpReflectorConfig,
+};
+
+/// The bevy_synq reflector: orders, stamps and relays encrypted events; never runs game code.
+#[derive(Parser, Debug)]
+#[command(name = "synq-reflector", version, about)]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Directory for sessions' snapshots and persisted data (created if missing).
+    #[arg(long, default_value = "./synq-data")]
+    data_dir: PathBuf,
+    /// Heartbeat tick period (ms) for sessions whose creator asks for none.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(10..=30_000))]
+    tick_ms: u32,
+    /// Most simultaneous connections.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=MAX_CLIENTS_LIMIT as u64))]
+    max_clients: u64,
+    /// netcode protocol id; clients must use the same one.
+    #[arg(long, default_value_t = DEFAULT_PROTOCOL_ID)]
+    protocol_id: u64,
+    /// Longest wait for a datagram between loop iterations, in µs (timers and resends run at least
+    /// this often; 0 = busy loop).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    idle_sleep_us: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+
+    tracing::info!(data_dir = %args.data_dir.display(), "data directory");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    if let Err(e) = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            // Second signal: give up on the graceful shutdown.
+            std::process::exit(130);
+        }
+    }) {
+        tracing::error!("cannot install the signal handler: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    let config = UdpReflectorConfig {
+        listen: args.listen,
+        protocol_id: args.protocol_id,
+        max_clients: args.max_clients as usize,
+        idle_sleep: Duration::from_micros(args.idle_sleep_us),
+        reflector: ReflectorConfig { default_tick_ms: args.tick_ms, ..ReflectorConfig::default() },
+        data_dir: Some(args.data_dir.clone()),
+    };
+    let mut reflector = match UdpReflector::bind(config) {
+        Ok(reflector) => reflector,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One machine-readable line on stdout, e.g. for scripts that asked for port 0.
+    println!("synq-reflector listening on udp://{}", reflector.local_addr());
+    reflector.run(&stop);
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,463 @@
+//! The network driver: the sans-IO [`Reflector`] behind a UDP socket, with renet for reliable,
+//! ordered, fragmented messages and netcode for connections.
+//!
+//! [`UdpReflector::bind`] opens the socket; [`UdpReflector::run`] serves until a stop flag is set
+//! and then shuts down gracefully (every client gets [`ErrorCode::ShuttingDown`]);
+//! [`UdpReflector::run_once`] is one iteration of that loop, for callers that own the loop.
+//!
+//! # Wire
+//!
+//! One renet channel, [`CHANNEL`], reliable and ordered, in each direction; every renet message
+//! is exactly one codec frame ([`codec::encode_client`] / [`codec::encode_server`]). renet splits
+//! a message into slices of about 1 KiB and reassembles it, so a frame may be as large as the
+//! channel's memory, [`CHANNEL_MEMORY_BYTES`] (64 MiB): that is the largest snapshot or `Sync`
+//! this transport carries, below the codec's own [`Limits::max_frame_bytes`]. The same memory
+//! bounds what one client can make the reflector buffer (unacknowledged sends plus incomplete
+//! receives, per direction). Both ends must use [`connection_config`].
+//!
+//! # Security
+//!
+//! Connections use netcode's *unsecure* mode ([`ServerAuthentication::Unsecure`]): packets are
+//! not encrypted or authenticated at the transport level and anyone who can reach the port can
+//! connect. The payloads that matter are sealed end to end by the clients, so the reflector only
+//! ever relays ciphertext; access control (connect tokens, API keys) is still to be done.
+//!
+//! # Latency
+//!
+//! Between iterations the loop waits for the socket to become readable, at most
+//! [`UdpReflectorConfig::idle_sleep`] (1 ms by default, so that timers and renet's resends run),
+//! and it answers in the iteration that received a message: no frame of latency is added, only
+//! the wake-up and the work of one iteration. See `tests/udp_process.rs` (`ping_round_trip`).
+//! (On non-Unix systems it sleeps instead of waiting for readability.)
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetServer, SendType, ServerEvent};
+use renet_netcode::{NetcodeServerTransport, ServerAuthentication, ServerConfig};
+use synq_protocol::codec::{self, DecodeError};
+use synq_protocol::wire::{ErrorCode, ErrorMessage, ServerMessage};
+
+use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
+use crate::storage::{DiskStorage, StorageError};
+
+#[cfg(doc)]
+use synq_protocol::Limits;
+
+/// The renet channel every bevy_synq message travels on (reliable, ordered), in both directions.
+pub const CHANNEL: u8 = 0;
+
+/// How many bytes one direction of one connection may hold in flight; also the largest frame this
+/// transport carries (64 MiB).
+pub const CHANNEL_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// The netcode protocol id used when none is configured (`"SYNQ"` and a format number). Clients
+/// and the reflector must agree on it; a mismatch looks like an unreachable server.
+pub const DEFAULT_PROTOCOL_ID: u64 = 0x5359_4e51_0000_0001;
+
+/// The address the binary listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
+
+/// Largest number of simultaneous connections netcode supports.
+pub const MAX_CLIENTS_LIMIT: usize = 1024;
+
+/// How long a closed client is given to acknowledge its final error before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// Bytes renet may send per connection per loop iteration. At ≈1,000 iterations a second this is
+/// ≈16 MB/s per client, while staying well inside a default 208 KiB socket receive buffer for a
+/// client that reads once per 16 ms frame.
+const BYTES_PER_TICK: u64 = 16 * 1024;
+
+/// The renet connection configuration both the reflector and its clients must use: one reliable,
+/// ordered channel ([`CHANNEL`]) of [`CHANNEL_MEMORY_BYTES`] in each direction.
+pub fn connection_config() -> ConnectionConfig {
+    let channel = ChannelConfig {
+        channel_id: CHANNEL,
+        max_memory_usage_bytes: CHANNEL_MEMORY_BYTES,
+        send_type: SendType::ReliableOrdered { resend_time: Duration::from_millis(100) },
+    };
+    ConnectionConfig {
+        available_bytes_per_tick: BYTES_PER_TICK,
+        server_channels_config: vec![channel.clone()],
+        client_channels_config: vec![channel],
+    }
+}
+
+/// How a [`UdpReflector`] listens and behaves.
+#[derive(Clone, Debug)]
+pub struct UdpReflectorConfig {
+    /// The UDP address to bind.
+    pub listen: SocketAddr,
+    /// The netcode protocol id; clients must use the same.
+    pub protocol_id: u64,
+    /// Most simultaneous connections (at most [`MAX_CLIENTS_LIMIT`]).
+    pub max_clients: usize,
+    /// The longest wait for a datagram between iterations when [`UdpReflector::run`] drives it
+    /// (a datagram ends the wait at once): timers and renet's resends run at least this often.
+    /// Zero yields instead of waiting (busy loop).
+    pub idle_sleep: Duration,
+    /// The session logic's configuration.
+    pub reflector: ReflectorConfig,
+    /// Where sessions and persisted data are kept across restarts; in memory only when `None`.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for UdpReflectorConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
+            protocol_id: DEFAULT_PROTOCOL_ID,
+            max_clients: 256,
+            idle_sleep: Duration::from_millis(1),
+            reflector: ReflectorConfig::default(),
+            data_dir: None,
+        }
+    }
+}
+
+/// Why the UDP reflector could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The socket could not be bound or configured.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// `max_clients` is out of range.
+    #[error("max clients must be between 1 and {MAX_CLIENTS_LIMIT}, not {0}")]
+    MaxClients(usize),
+    /// The socket failed while serving.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+/// The reflector on a UDP socket. See the module documentation.
+pub struct UdpReflector {
+    core: Reflector,
+    server: RenetServer,
+    transport: NetcodeServerTransport,
+    local_addr: SocketAddr,
+    idle_sleep: Duration,
+    /// Waits for the socket to become readable (the transport owns the socket itself).
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
+    /// The reflector clock's zero.
+    epoch: Instant,
+    /// When renet was last advanced.
+    last_update: Instant,
+    /// renet (netcode) client id → the core's id for that connection. Core ids are never reused,
+    /// so a client that reconnects with the same netcode id is a new connection to the core.
+    by_renet: HashMap<u64, ClientId>,
+    by_core: HashMap<ClientId, u64>,
+    next_client: ClientId,
+    /// Connections closed by the reflector, waiting for their final error to be acknowledged,
+    /// with the time at which they are dropped anyway.
+    closing: HashMap<u64, Instant>,
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+impl UdpReflector {
+    /// Binds the socket and starts a reflector with no sessions.
+    pub fn bind(config: UdpReflectorConfig) -> Result<Self, ServerError> {
+        if config.max_clients == 0 || config.max_clients > MAX_CLIENTS_LIMIT {
+            return Err(ServerError::MaxClients(config.max_clients));
+        }
+        let bind_error = |source| ServerError::Bind { addr: config.listen, source };
+        let socket = UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let local_addr = socket.local_addr().map_err(bind_error)?;
+        #[cfg(unix)]
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        let netcode = ServerConfig {
+            current_time: unix_now(),
+            max_clients: config.max_clients,
+            protocol_id: config.protocol_id,
+            public_addresses: vec![local_addr],
+            // Unsecure: no connect tokens, no transport encryption (payloads are sealed end to end).
+            authentication: ServerAuthentication::Unsecure,
+        };
+        let transport = NetcodeServerTransport::new(netcode, socket).map_err(bind_error)?;
+        let core = match &config.data_dir {
+            Some(dir) => Reflector::with_storage(config.reflector, Box::new(DiskStorage::open(dir)?)),
+            None => Reflector::new(config.reflector),
+        };
+        let now = Instant::now();
+        tracing::info!(%local_addr, max_clients = config.max_clients, protocol_id = config.protocol_id, "listening (UDP, netcode unsecure)");
+        Ok(Self {
+            core,
+            server: RenetServer::new(connection_config()),
+            transport,
+            local_addr,
+            idle_sleep: config.idle_sleep,
+            #[cfg(unix)]
+            fd,
+            epoch: now,
+            last_update: now,
+            by_renet: HashMap::new(),
+            by_core: HashMap::new(),
+            next_client: 1,
+            closing: HashMap::new(),
+        })
+    }
+
+    /// The address the socket is bound to (with the real port when port 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The session logic, for inspection.
+    pub fn core(&self) -> &Reflector {
+        &self.core
+    }
+
+    /// Number of open connections (joined to a session or not).
+    pub fn connected_clients(&self) -> usize {
+        self.server.connected_clients()
+    }
+
+    /// Serves until `stop` is set, then shuts down gracefully ([`UdpReflector::shutdown`]).
+    /// Transport errors are logged and serving continues.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.run_once(Instant::now()) {
+                tracing::warn!("{e}");
+            }
+            self.wait();
+        }
+        self.shutdown(CLOSE_GRACE);
+    }
+
+    /// One iteration: receives what arrived, hands it to the core, fires due timers and sends the
+    /// answers. `now` must not go backwards.
+    pub fn run_once(&mut self, now: Instant) -> Result<(), ServerError> {
+        let dt = now.saturating_duration_since(self.last_update);
+        self.last_update = self.last_update.max(now);
+        self.server.update(dt);
+        let received = self.transport.update(dt, &mut self.server).map_err(|e| ServerError::Transport(e.to_string()));
+        let t = self.millis(now);
+        self.handle_events(t);
+        self.receive(t, now);
+        self.core.poll(t);
+        self.dispatch(t, now);
+        self.finish_closing(now);
+        self.transport.send_packets(&mut self.server);
+        received
+    }
+
+    /// Sends every client [`ErrorCode::ShuttingDown`], waits up to `grace` for the errors to be
+    /// acknowledged, then disconnects everyone.
+    pub fn shutdown(&mut self, grace: Duration) {
+        let start = Instant::now();
+        let t = self.millis(start);
+        let frame = Bytes::from(codec::encode_server(&ServerMessage::Error(ErrorMessage {
+            code: ErrorCode::ShuttingDown,
+            message: "the reflector is shutting down".into(),
+        })));
+        let clients = self.server.clients_id();
+        tracing::info!(clients = clients.len(), "shutting down");
+        for renet in &clients {
+            if self.server.can_send_message(*renet, CHANNEL, frame.len()) {
+                self.server.send_message(*renet, CHANNEL, frame.clone());
+            }
+            if let Some(client) = self.by_renet.get(renet) {
+                self.core.disconnect(t, *client);
+            }
+        }
+        self.core.drain_outputs().for_each(drop);
+        if let Err(error) = self.core.flush_storage(t) {
+            tracing::error!(%error, "could not flush storage on shutdown");
+        }
+        self.transport.send_packets(&mut self.server);
+        while start.elapsed() < grace && clients.iter().any(|c| !self.acknowledged(*c)) {
+            std::thread::sleep(Duration::from_millis(1));
+            let now = Instant::now();
+            let dt = now.saturating_duration_since(self.last_update);
+            self.last_update = now;
+            self.server.update(dt);
+            let _ = self.transport.update(dt, &mut self.server);
+            for renet in self.server.clients_id() {
+                while self.server.receive_message(renet, CHANNEL).is_some() {}
+            }
+            self.transport.send_packets(&mut self.server);
+        }
+        self.transport.disconnect_all(&mut self.server);
+        self.by_renet.clear();
+        self.by_core.clear();
+        self.closing.clear();
+    }
+
+    /// Waits until a datagram arrives or [`UdpReflectorConfig::idle_sleep`] passed.
+    fn wait(&self) {
+        if self.idle_sleep.is_zero() {
+            std::thread::yield_now();
+            return;
+        }
+        #[cfg(unix)]
+        {
+            let mut pollfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+            // poll(2) counts whole milliseconds: round up, so a sub-millisecond sleep still waits.
+            let timeout_ms = self.idle_sleep.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: `pollfd` is valid for the call and the socket (owned by the transport, which
+            // lives as long as `self`) stays open. An error (EINTR) just ends the wait early.
+            unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+        }
+        #[cfg(not(unix))]
+        std::thread::sleep(self.idle_sleep);
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Whether everything sent to `renet` was acknowledged (or it is gone).
+    fn acknowledged(&self, renet: u64) -> bool {
+        !self.server.is_connected(renet) || self.server.channel_available_memory(renet, CHANNEL) == CHANNEL_MEMORY_BYTES
+    }
+
+    fn handle_events(&mut self, t: u64) {
+        while let Some(event) = self.server.get_event() {
+            match event {
+                ServerEvent::ClientConnected { client_id: renet } => {
+                    let client = self.next_client;
+                    self.next_client += 1;
+                    let addr = self.transport.client_addr(renet);
+                    tracing::info!(client, netcode_id = renet, ?addr, "connected");
+                    self.by_renet.insert(renet, client);
+                    self.by_core.insert(client, renet);
+                    self.core.connect(t, client);
+                }
+                ServerEvent::ClientDisconnected { client_id: renet, reason } => {
+                    self.closing.remove(&renet);
+                    if let Some(client) = self.by_renet.remove(&renet) {
+                        tracing::info!(client, netcode_id = renet, %reason, "disconnected");
+                        self.by_core.remove(&client);
+                        self.core.disconnect(t, client);
+                    }
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self, t: u64, now: Instant) {
+        let limits = self.core.config().limits;
+        for renet in self.server.clients_id() {
+            let Some(&client) = self.by_renet.get(&renet) else { continue };
+            while !self.closing.contains_key(&renet) {
+                let Some(frame) = self.server.receive_message(renet, CHANNEL) else { break };
+                match codec::decode_client(&frame, &limits) {
+                    Ok(message) => self.core.handle(t, client, message),
+                    Err(DecodeError::PayloadTooLarge { what, size, limit }) => {
+                        // A well-formed message with an oversized payload: dropped, not final.
+                        let message = format!("{what} of {size} bytes exceeds {limit} bytes; dropped");
+                        tracing::debug!(client, "{message}");
+                        let error = ServerMessage::Error(ErrorMessage { code: ErrorCode::TooLarge, message });
+                        self.send_frame(t, now, client, renet, Bytes::from(codec::encode_server(&error)));
+                    }
+                    Err(e) => {
+                        let code = if matches!(e, DecodeError::Version(_)) {
+                            ErrorCode::ProtocolVersion
+                        } else {
+                            ErrorCode::Malformed
+                        };
+                        tracing::warn!(client, netcode_id = renet, "closing: {e}");
+                        self.close(t, now, client, ErrorMessage { code, message: e.to_string() });
+                    }
+                }
+                self.dispatch(t, now);
+            }
+        }
+        // Anything a closing client still sends is ignored.
+        for renet in self.closing.keys() {
+            while self.server.receive_message(*renet, CHANNEL).is_some() {}
+        }
+    }
+
+    /// Moves the core's outputs to the sockets. Each shared message is encoded once.
+    fn dispatch(&mut self, t: u64, now: Instant) {
+        let mut last: Option<(Arc<ServerMessage>, Bytes)> = None;
+        loop {
+            let outputs: Vec<Output> = self.core.drain_outputs().collect();
+            if outputs.is_empty() {
+                return;
+            }
+            for output in outputs {
+                match output {
+                    Output::Send { client, message } => {
+                        let Some(&renet) = self.by_core.get(&client) else { continue };
+                        let frame = match &last {
+                            Some((cached, frame)) if Arc::ptr_eq(cached, &message) => frame.clone(),
+                            _ => {
+                                let frame = Bytes::from(codec::encode_server(&message));
+                                last = Some((message, frame.clone()));
+                                frame
+                            }
+                        };
+                        self.send_frame(t, now, client, renet, frame);
+                    }
+                    Output::Close { client, reason } => self.close(t, now, client, reason),
+                }
+            }
+        }
+    }
+
+    fn send_frame(&mut self, t: u64, now: Instant, client: ClientId, renet: u64, frame: Bytes) {
+        if self.closing.contains_key(&renet) {
+            return;
+        }
+        if frame.len() > CHANNEL_MEMORY_BYTES {
+            let message =
+                format!("a message of {} bytes exceeds the transport's {CHANNEL_MEMORY_BYTES} bytes", frame.len());
+            tracing::warn!(client, "closing: {message}");
+            return self.close(t, now, client, ErrorMessage { code: ErrorCode::TooLarge, message });
+        }
+        if !self.server.can_send_message(renet, CHANNEL, frame.len()) {
+            // It does not read what it is sent: drop it rather than buffer without bound.
+            tracing::warn!(client, netcode_id = renet, "closing: the client does not keep up");
+            self.closing.insert(renet, now);
+            self.core.disconnect(t, client);
+            return;
+        }
+        self.server.send_message(renet, CHANNEL, frame);
+    }
+
+    /// Sends `reason`, stops handling the client, and disconnects it once the error was
+    /// acknowledged (or after a grace period).
+    fn close(&mut self, t: u64, now: Instant, client: ClientId, reason: ErrorMessage) {
+        let Some(&renet) = self.by_core.get(&client) else { return };
+        if self.closing.contains_key(&renet) {
+            return;
+        }
+        let frame = Bytes::from(codec::encode_server(&ServerMessage::Error(reason)));
+        if self.server.can_send_message(renet, CHANNEL, frame.len()) {
+            self.server.send_message(renet, CHANNEL, frame);
+        }
+        self.closing.insert(renet, now + CLOSE_GRACE);
+        self.core.disconnect(t, client);
+    }
+
+    fn finish_closing(&mut self, now: Instant) {
+        let done: Vec<u64> = self
+            .closing
+            .iter()
+            .filter(|(renet, until)| now >= **until || self.acknowledged(**renet))
+            .map(|(r, _)| *r)
+            .collect();
+        for renet in done {
+            // The `ClientDisconnected` event then removes the mapping.
+            self.server.disconnect(renet);
+            self.closing.remove(&renet);
+        }
+    }
+}

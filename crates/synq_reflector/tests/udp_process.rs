@@ -1,0 +1,349 @@
+//! The `synq-reflector` binary as a real process on loopback UDP, driven by raw renet clients:
+//! stamping and broadcast, a malformed client is cut off without harming the session, the round
+//! trip the server loop adds, and graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use renet::RenetClient;
+use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
+use synq_protocol::codec;
+use synq_protocol::crypto::Sealed;
+use synq_protocol::ids::{PersistentId, SessionId, ViewId};
+use synq_protocol::wire::{ClientMessage, ErrorCode, EventBody, Join, ServerMessage, StampedEvent};
+use synq_protocol::{Limits, PROTOCOL_VERSION};
+use synq_reflector::server::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
+
+/// Every wait in these tests gives up after this long.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `synq-reflector` process on a free loopback port; killed when dropped.
+struct ReflectorProcess {
+    child: Child,
+    addr: SocketAddr,
+    data_dir: std::path::PathBuf,
+}
+
+impl ReflectorProcess {
+    fn start(name: &str, extra: &[&str]) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("synq-udp-{name}-{}", std::process::id()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_synq-reflector"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the synq-reflector binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            lines.for_each(drop); // keep the pipe open and drained
+        });
+        let line = match rx.recv_timeout(TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("synq-reflector did not report its address");
+            }
+        };
+        let addr = line.rsplit("udp://").next().and_then(|a| a.trim().parse().ok());
+        let addr = addr.unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        assert!(data_dir.is_dir(), "the data directory was not created");
+        Self { child, addr, data_dir }
+    }
+}
+
+impl Drop for ReflectorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// A bare renet client speaking the codec.
+struct RawClient {
+    client: RenetClient,
+    transport: NetcodeClientTransport,
+    last: Instant,
+    received: Vec<ServerMessage>,
+    /// How many of `received` were consumed by `wait_for`.
+    cursor: usize,
+    /// Why the transport failed, once it did.
+    failed: Option<String>,
+    /// How long `wait_for` waits.
+    timeout: Duration,
+}
+
+impl RawClient {
+    fn connect(addr: SocketAddr, client_id: u64) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let auth = ClientAuthentication::Unsecure {
+            protocol_id: DEFAULT_PROTOCOL_ID,
+            client_id,
+            server_addr: addr,
+            user_data: None,
+        };
+        let mut raw = Self {
+            client: RenetClient::new(connection_config()),
+            transport: NetcodeClientTransport::new(now, auth, socket).unwrap(),
+            last: Instant::now(),
+            received: Vec::new(),
+            cursor: 0,
+            failed: None,
+            timeout: TIMEOUT,
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while !raw.client.is_connected() {
+            assert!(Instant::now() < deadline, "client {client_id} could not connect");
+            raw.pump();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        raw
+    }
+
+    fn pump(&mut self) {
+        let now = Instant::now();
+        let dt = now - self.last;
+        self.last = now;
+        self.client.update(dt);
+        if let Err(e) = self.transport.update(dt, &mut self.client) {
+            self.failed.get_or_insert(e.to_string());
+        }
+        while let Some(frame) = self.client.receive_message(CHANNEL) {
+            let message = codec::decode_server(&frame, &Limits::default()).expect("the reflector sends valid frames");
+            self.received.push(message);
+        }
+        if self.client.is_connected() {
+            let _ = self.transport.send_packets(&mut self.client);
+        }
+    }
+
+    fn send(&mut self, message: &ClientMessage) {
+        self.send_raw(codec::encode_client(message));
+    }
+
+    fn send_raw(&mut self, frame: Vec<u8>) {
+        self.client.send_message(CHANNEL, frame);
+        let _ = self.transport.send_packets(&mut self.client);
+    }
+
+    /// Pumps until a message not seen yet matches; consumes everything up to it.
+    fn wait_for<T>(&mut self, what: &str, mut pick: impl FnMut(&ServerMessage) -> Option<T>) -> T {
+        self.wait_for_spinning(what, false, &mut pick)
+    }
+
+    fn wait_for_spinning<T>(
+        &mut self,
+        what: &str,
+        spin: bool,
+        pick: &mut impl FnMut(&ServerMessage) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            while self.cursor < self.received.len() {
+                self.cursor += 1;
+                if let Some(found) = pick(&self.received[self.cursor - 1]) {
+                    return found;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {:?}", self.received);
+            if spin {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.pump();
+        }
+    }
+
+    /// Waits until the reflector has closed the connection.
+    fn wait_disconnected(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.failed.is_none() && !self.client.is_disconnected() {
+            assert!(Instant::now() < deadline, "the connection was not closed");
+            std::thread::sleep(Duration::from_millis(1));
+            self.pump();
+        }
+    }
+}
+
+fn join(view: u64) -> ClientMessage {
+    ClientMessage::Join(Join {
+        protocol: PROTOCOL_VERSION,
+        app_id: "io.bevy-synq.tests".into(),
+        api_key: None,
+        session_id: SessionId([7; 32]),
+        persistent_id: PersistentId([8; 32]),
+        view_id: ViewId(view),
+        tick_ms: 50,
+        password_check: Sealed { nonce: [1; 24], ciphertext: vec![2; 32] },
+        resume_after: None,
+    })
+}
+
+fn event(payload: &[u8]) -> ClientMessage {
+    ClientMessage::Event(Sealed { nonce: [3; 24], ciphertext: payload.to_vec() })
+}
+
+/// The stamped view event carrying `payload`.
+fn view_event(payload: &'static [u8]) -> impl FnMut(&ServerMessage) -> Option<StampedEvent> {
+    move |message| match message {
+        ServerMessage::Event(stamped @ StampedEvent { body: EventBody::View { payload: sealed, .. }, .. })
+            if sealed.ciphertext == payload =>
+        {
+            Some(stamped.clone())
+        }
+        _ => None,
+    }
+}
+
+fn synced(message: &ServerMessage) -> Option<()> {
+    matches!(message, ServerMessage::Sync(_)).then_some(())
+}
+
+fn error(code: ErrorCode) -> impl FnMut(&ServerMessage) -> Option<()> {
+    move |message| matches!(message, ServerMessage::Error(e) if e.code == code).then_some(())
+}
+
+#[test]
+fn events_are_stamped_and_broadcast_and_garbage_only_hurts_its_sender() {
+    let reflector = ReflectorProcess::start("broadcast", &[]);
+    let mut a = RawClient::connect(reflector.addr, 1);
+    let mut b = RawClient::connect(reflector.addr, 2);
+    a.send(&join(1));
+    a.wait_for("a's Sync", synced);
+    b.send(&join(2));
+    b.wait_for("b's Sync", synced);
+
+    a.send(&event(b"hello"));
+    a.send(&event(b"world"));
+    let mut seen = Vec::new();
+    for client in [&mut a, &mut b] {
+        let hello = client.wait_for("hello", view_event(b"hello"));
+        let world = client.wait_for("world", view_event(b"world"));
+        assert_eq!(world.seq, hello.seq.wrapping_add(1), "consecutive sequence numbers");
+        assert!(world.time >= hello.time);
+        assert!(matches!(hello.body, EventBody::View { sender: ViewId(1), .. }));
+        seen.push((hello, world));
+    }
+    assert_eq!(seen[0], seen[1], "both clients got identical stamps");
+
+    // A client that sends garbage, before and after joining, is cut off with `Malformed`.
+    let mut garbage = RawClient::connect(reflector.addr, 3);
+    garbage.send_raw(b"definitely not a frame".to_vec());
+    garbage.wait_for("Malformed", error(ErrorCode::Malformed));
+    garbage.wait_disconnected();
+
+    let mut joined_garbage = RawClient::connect(reflector.addr, 4);
+    joined_garbage.send(&join(4));
+    joined_garbage.wait_for("Sync", synced);
+    let mut frame = codec::encode_client(&event(b"x"));
+    frame.truncate(frame.len() - 3); // right header, truncated body
+    joined_garbage.send_raw(frame);
+    joined_garbage.wait_for("Malformed", error(ErrorCode::Malformed));
+    joined_garbage.wait_disconnected();
+
+    // The session goes on for everyone else.
+    b.send(&event(b"again"));
+    let again_a = a.wait_for("again", view_event(b"again"));
+    let again_b = b.wait_for("again", view_event(b"again"));
+    assert_eq!(again_a, again_b);
+    assert!(again_a.seq.wrapping_sub(seen[0].1.seq) >= 1);
+    assert!(matches!(again_a.body, EventBody::View { sender: ViewId(2), .. }));
+    assert!(a.failed.is_none() && b.failed.is_none());
+}
+
+/// Round trips of `Ping`/`Pong` through the reflector with a client that never sleeps: the median
+/// is what the server loop (its sleep and work) adds on loopback. Prints the figures; asserts only
+/// a generous bound, so that a loaded machine does not make it fail.
+#[test]
+fn ping_round_trip() {
+    let mut medians = Vec::new();
+    for (name, sleep_us) in [("ping-default", "1000"), ("ping-busy", "0")] {
+        let reflector = ReflectorProcess::start(name, &["--idle-sleep-us", sleep_us]);
+        let mut client = RawClient::connect(reflector.addr, 10);
+        let mut rtts = Vec::new();
+        for nonce in 0..200u64 {
+            let start = Instant::now();
+            client.send(&ClientMessage::Ping(nonce));
+            let mut pong = |m: &ServerMessage| matches!(m, ServerMessage::Pong(n) if *n == nonce).then_some(());
+            client.wait_for_spinning("Pong", true, &mut pong);
+            rtts.push(start.elapsed());
+        }
+        rtts.sort();
+        let (p50, p90, max) = (rtts[rtts.len() / 2], rtts[rtts.len() * 9 / 10], rtts[rtts.len() - 1]);
+        println!("idle sleep {sleep_us} µs: ping round trip p50 {p50:?}, p90 {p90:?}, max {max:?}");
+        medians.push(p50);
+    }
+    assert!(medians[0] < Duration::from_millis(50), "median round trip {:?}", medians[0]);
+}
+
+#[test]
+fn sigterm_tells_clients_and_exits_cleanly() {
+    let mut reflector = ReflectorProcess::start("sigterm", &[]);
+    let mut client = RawClient::connect(reflector.addr, 20);
+    client.send(&join(20));
+    client.wait_for("Sync", synced);
+    let pid = reflector.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    assert!(status.success());
+    client.wait_for("ShuttingDown", error(ErrorCode::ShuttingDown));
+    let deadline = Instant::now() + TIMEOUT;
+    let exit = loop {
+        if let Some(exit) = reflector.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the reflector did not exit");
+        client.pump(); // acknowledge, so the reflector need not wait out its grace period
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    client.wait_disconnected();
+}
+
+/// A 2 MiB persisted-data upload (client → reflector) and the `Sync` that carries it to the next
+/// joiner (reflector → client) cross as single renet messages. (Debug builds encrypt slowly: this
+/// takes seconds there, ≈0.3 s per direction for 3 MiB in release.)
+#[test]
+fn multi_megabyte_frames_cross_in_both_directions() {
+    use synq_protocol::wire::{PersistRecord, SyncStart};
+    let reflector = ReflectorProcess::start("large", &[]);
+    let mut uploader = RawClient::connect(reflector.addr, 30);
+    uploader.timeout = Duration::from_secs(60);
+    uploader.send(&join(30));
+    uploader.wait_for("Sync", synced);
+    let data: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let record = PersistRecord { time: 0, vote: [9; 32], data: Sealed { nonce: [4; 24], ciphertext: data.clone() } };
+    let start = Instant::now();
+    uploader.send(&ClientMessage::PersistUpload(record));
+    let mut accepted = |m: &ServerMessage| matches!(m, ServerMessage::PersistAccepted { .. }).then_some(());
+    uploader.wait_for("PersistAccepted", &mut accepted);
+    let up = start.elapsed();
+
+    let start = Instant::now();
+    let mut joiner = RawClient::connect(reflector.addr, 31);
+    joiner.timeout = Duration::from_secs(60);
+    joiner.send(&join(31));
+    let persisted = joiner.wait_for("Sync", |m| match m {
+        ServerMessage::Sync(sync) => match &sync.start {
+            SyncStart::Fresh { persisted } => Some(persisted.clone()),
+            other => panic!("unexpected start {other:?}"),
+        },
+        _ => None,
+    });
+    let down = start.elapsed();
+    let persisted = persisted.expect("the Sync carries the persisted data");
+    assert!(persisted.data.ciphertext == data, "the data arrived intact");
+    println!("2 MiB up in {up:?}, down (connect + join + Sync) in {down:?}");
+}
