@@ -17,6 +17,7 @@ use synq_protocol::wire::{
 use synq_protocol::{Hash32, PROTOCOL_VERSION};
 
 use crate::config::SessionConfig;
+use crate::debug::synq_debug;
 use crate::model::ModelProblem;
 use crate::model::app::{ModelPlugin, WorldSettings};
 use crate::model::runtime::{External, ExternalBody, ModelRuntime};
@@ -104,7 +105,14 @@ pub enum StartKind {
 
 enum Phase {
     Connecting,
-    AwaitingSync,
+    /// The connection was lost; the next attempt is due at `next_at`.
+    Reconnecting {
+        next_at: Instant,
+        delay_ms: u64,
+    },
+    AwaitingSync {
+        since: Instant,
+    },
     Running,
     Failed,
 }
@@ -146,7 +154,15 @@ pub struct SynqClient {
     started_from: Option<StartKind>,
     pub(crate) problems: Vec<SynqProblem>,
     pub(crate) divergences: Vec<DivergenceDetected>,
+    /// When the connection was lost, while it is being restored.
+    lost_at: Option<Instant>,
+    reconnects: u32,
+    /// When the reflector was last heard from (it ticks every `tick_ms` when nothing else flows).
+    last_heard: Instant,
 }
+
+/// How long a `Sync` may take to arrive before the client tries again.
+const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 const KEPT_POINTS: usize = 4;
 const KEPT_HISTORY: usize = 4096;
@@ -182,6 +198,9 @@ impl SynqClient {
             started_from: None,
             problems: Vec::new(),
             divergences: Vec::new(),
+            lost_at: None,
+            reconnects: 0,
+            last_heard: Instant::now(),
         }
     }
 
@@ -229,6 +248,68 @@ impl SynqClient {
         self.status = SynqStatus::Disconnected { reason };
     }
 
+    /// How many times the connection was restored after a loss.
+    pub fn reconnects(&self) -> u32 {
+        self.reconnects
+    }
+
+    /// The connection is gone (or the reflector asked us to come back later): reconnect with
+    /// jittered exponential backoff, keeping the model.
+    fn lost(&mut self, reason: String) {
+        warn!("bevy_synq: view {}: {reason}; reconnecting", self.ids.view);
+        synq_debug!(self.config.debug, SESSION, "connection lost ({reason})");
+        self.connection = None;
+        let now = Instant::now();
+        let delay_ms = match self.phase {
+            Phase::Reconnecting { delay_ms, .. } => delay_ms,
+            _ => 0,
+        };
+        self.lost_at.get_or_insert(now);
+        // The first retry is immediate; then min(30 s, (delay + 100 ms) * (1 + random)).
+        let next_delay = if self.lost_at == Some(now) { 0 } else { jittered(delay_ms) };
+        self.phase =
+            Phase::Reconnecting { next_at: now + std::time::Duration::from_millis(next_delay), delay_ms: next_delay };
+        if !matches!(self.status, SynqStatus::Connecting) && !self.within_rejoin_limit() {
+            self.status = SynqStatus::Connecting;
+        }
+    }
+
+    fn within_rejoin_limit(&self) -> bool {
+        self.lost_at.is_none_or(|at| at.elapsed() <= self.config.rejoin_limit)
+    }
+
+    fn connect(&mut self, model: &ModelWorld) {
+        let connection = match self.connector.connect() {
+            Ok(connection) => connection,
+            Err(reason) => {
+                if self.lost_at.is_some() {
+                    return self.lost(format!("cannot reach {}: {reason}", self.connector.describe()));
+                }
+                return self.fail(format!("cannot reach {}: {reason}", self.connector.describe()));
+            }
+        };
+        self.connection = Some(connection);
+        // A client with a running model asks to continue right after the last event it has.
+        let resume_after = model
+            .runtime
+            .as_ref()
+            .filter(|_| matches!(self.phase, Phase::Reconnecting { .. }))
+            .map(|runtime| self.pending.back().map_or(runtime.last_seq(), |e| e.seq));
+        let join = Join {
+            protocol: PROTOCOL_VERSION,
+            app_id: self.config.app_id.clone(),
+            api_key: self.config.api_key.clone(),
+            session_id: self.ids.session,
+            persistent_id: self.ids.persistent,
+            view_id: self.ids.view,
+            tick_ms: self.config.tick_ms,
+            password_check: self.key.password_check(&self.ids.session),
+            resume_after,
+        };
+        self.send(ClientMessage::Join(join));
+        self.phase = Phase::AwaitingSync { since: Instant::now() };
+    }
+
     fn send(&mut self, message: ClientMessage) {
         if let Some(connection) = self.connection.as_mut() {
             connection.send(message);
@@ -237,33 +318,33 @@ impl SynqClient {
 
     /// Connects if needed and handles everything the reflector sent.
     pub(crate) fn receive(&mut self, model: &mut ModelWorld) {
-        if matches!(self.phase, Phase::Connecting) {
-            match self.connector.connect() {
-                Ok(connection) => {
-                    self.connection = Some(connection);
-                    let join = Join {
-                        protocol: PROTOCOL_VERSION,
-                        app_id: self.config.app_id.clone(),
-                        api_key: None,
-                        session_id: self.ids.session,
-                        persistent_id: self.ids.persistent,
-                        view_id: self.ids.view,
-                        tick_ms: self.config.tick_ms,
-                        password_check: self.key.password_check(&self.ids.session),
-                        resume_after: None,
-                    };
-                    self.send(ClientMessage::Join(join));
-                    self.phase = Phase::AwaitingSync;
-                }
-                Err(reason) => return self.fail(format!("cannot reach {}: {reason}", self.connector.describe())),
+        match self.phase {
+            Phase::Connecting => self.connect(model),
+            Phase::Reconnecting { next_at, .. } if Instant::now() >= next_at => self.connect(model),
+            Phase::AwaitingSync { since } if since.elapsed() > SYNC_TIMEOUT => {
+                return self.lost("no answer to join".into());
             }
+            _ => {}
+        }
+        if self.lost_at.is_some() && !self.within_rejoin_limit() && self.status.is_synced() {
+            self.status = SynqStatus::Connecting;
+        }
+        // The reflector ticks when nothing else flows: a long silence means it is gone, even if
+        // the transport has not noticed yet.
+        let silence =
+            std::time::Duration::from_millis(u64::from(self.config.tick_ms) * 20).max(self.config.silence_limit);
+        if matches!(self.phase, Phase::Running) && self.last_heard.elapsed() > silence {
+            return self.lost(format!("no word from the reflector for {} ms", silence.as_millis()));
         }
         loop {
             let Some(connection) = self.connection.as_mut() else { return };
             let message = match connection.poll() {
-                Ok(Some(message)) => message,
+                Ok(Some(message)) => {
+                    self.last_heard = Instant::now();
+                    message
+                }
                 Ok(None) => return,
-                Err(reason) => return self.fail(format!("connection lost: {reason}")),
+                Err(reason) => return self.lost(format!("connection lost: {reason}")),
             };
             match message.as_ref() {
                 ServerMessage::Sync(sync) => {
@@ -272,6 +353,20 @@ impl SynqClient {
                     }
                 }
                 ServerMessage::Event(event) => {
+                    synq_debug!(
+                        self.config.debug,
+                        MESSAGES,
+                        "seq {} at {} ms: {}",
+                        event.seq,
+                        event.time,
+                        match &event.body {
+                            EventBody::View { sender, payload } =>
+                                format!("event from {sender}, {} bytes sealed", payload.len()),
+                            EventBody::Users { joined, left, reset } =>
+                                format!("users joined {joined:?} left {left:?} reset {reset}"),
+                            EventBody::SnapshotRequest => "snapshot request".into(),
+                        }
+                    );
                     self.target_time = self.target_time.max(event.time);
                     self.pending.push_back(event.clone());
                 }
@@ -286,6 +381,14 @@ impl SynqClient {
                         return self.fail(format!("refused by the reflector: {}", error.message));
                     }
                     warn!("bevy_synq: reflector: {} ({:?})", error.message, error.code);
+                    if matches!(error.code, ErrorCode::ShuttingDown | ErrorCode::Full | ErrorCode::Unavailable)
+                        && !matches!(self.phase, Phase::Running)
+                    {
+                        return self.lost(format!("the reflector cannot serve us now: {}", error.message));
+                    }
+                    if error.code == ErrorCode::ShuttingDown {
+                        return self.lost("the reflector is shutting down".into());
+                    }
                     if error.code == ErrorCode::BufferFull {
                         self.problems.push(SynqProblem::Refused(error.message.clone()));
                     }
@@ -297,6 +400,21 @@ impl SynqClient {
     fn start(&mut self, model: &mut ModelWorld, sync: &synq_protocol::wire::Sync) -> Result<(), String> {
         self.key.verify_password_check(&self.ids.session, &sync.password_check).map_err(|e| e.to_string())?;
         let policy = self.config.snapshot_policy;
+        synq_debug!(
+            self.config.debug,
+            SESSION,
+            "sync: session time {} ms, seq {}, {} events, start {}",
+            sync.time,
+            sync.seq,
+            sync.events.len(),
+            match &sync.start {
+                SyncStart::Fresh { persisted: None } => "fresh".to_string(),
+                SyncStart::Fresh { persisted: Some(p) } =>
+                    format!("fresh from persisted data ({} bytes sealed)", p.data.len()),
+                SyncStart::Snapshot(s) => format!("from the snapshot at {} ms ({} bytes sealed)", s.time, s.data.len()),
+                SyncStart::Resume => "resumed".to_string(),
+            }
+        );
         self.started_from = Some(match &sync.start {
             SyncStart::Fresh { .. } => StartKind::Fresh,
             SyncStart::Snapshot(record) => StartKind::Snapshot { time: record.time },
@@ -337,11 +455,35 @@ impl SynqClient {
                 );
                 ModelRuntime::restore(self.plugin.clone(), self.settings, policy, &bytes).map_err(|e| e.to_string())?
             }
-            SyncStart::Resume => match model.runtime.take() {
-                Some(runtime) => runtime,
-                None => return Err("the reflector offered a resume, but this client has no model".into()),
-            },
+            SyncStart::Resume => {
+                if model.runtime.is_none() {
+                    return Err("the reflector offered a resume, but this client has no model".into());
+                }
+                // Seamless: keep the model and what is queued; the events continue right after.
+                let seamless = self.within_rejoin_limit();
+                info!(
+                    "bevy_synq: view {} rejoined {} ({} events missed)",
+                    self.ids.view,
+                    if seamless { "seamlessly" } else { "after the rejoin limit" },
+                    sync.events.len()
+                );
+                self.pending.extend(sync.events.iter().cloned());
+                self.target_time = self.target_time.max(sync.time);
+                self.phase = Phase::Running;
+                self.lost_at = None;
+                self.reconnects += 1;
+                if !seamless {
+                    self.synced = false;
+                    self.status = SynqStatus::Syncing { progress: 0.0 };
+                }
+                return Ok(());
+            }
         };
+        if model.runtime.is_some() {
+            warn!("bevy_synq: view {} could not rejoin seamlessly; resyncing from the session's state", self.ids.view);
+            self.reconnects += 1;
+        }
+        self.lost_at = None;
         self.catch_up_from = runtime.now_ms();
         model.runtime = Some(runtime);
         self.pending = sync.events.iter().cloned().collect();
@@ -440,6 +582,14 @@ impl SynqClient {
         let points = std::mem::take(&mut runtime.points);
         let problems = std::mem::take(&mut runtime.problems);
         for request in std::mem::take(&mut runtime.persist_requests) {
+            synq_debug!(
+                self.config.debug,
+                PERSIST,
+                "persist request at {} ms: {} bytes, hash {}",
+                request.time,
+                request.json.len(),
+                synq_protocol::ids::base64url(&request.hash[..12])
+            );
             let vote = self.key.vote_digest(&request.hash);
             if self.synced {
                 let purpose = VotePurpose::Persist;
@@ -452,6 +602,15 @@ impl SynqClient {
             }
         }
         for point in points {
+            synq_debug!(
+                self.config.debug,
+                SNAPSHOT,
+                "snapshot point at {} ms (seq {}): {} bytes, hash {}",
+                point.time,
+                point.seq,
+                point.bytes.len(),
+                synq_protocol::ids::base64url(&point.hash[..12])
+            );
             self.history.push(HashRecord { time: point.time, seq: point.seq, hash: point.hash });
             if self.history.len() > KEPT_HISTORY {
                 self.history.remove(0);
@@ -509,6 +668,7 @@ impl SynqClient {
                 let binding = Binding::Persistent(self.ids.persistent);
                 let data = self.key.seal(SealKind::Persisted, &binding, past.json.as_bytes());
                 info!("bevy_synq: uploading persisted data at {} ms ({} bytes)", past.time, past.json.len());
+                synq_debug!(self.config.debug, PERSIST, "elected to upload the document of {} ms", past.time);
                 self.send(ClientMessage::PersistUpload(PersistRecord { time: past.time, vote: past.vote, data }));
                 self.persist_uploads += 1;
             }
@@ -518,6 +678,13 @@ impl SynqClient {
             let Some(point) = self.recent_points.iter().find(|p| p.time == tally.time && p.seq == tally.seq) else {
                 return;
             };
+            synq_debug!(
+                self.config.debug,
+                SNAPSHOT,
+                "elected to upload the snapshot of {} ms ({} bytes)",
+                point.time,
+                point.bytes.len()
+            );
             let data = self.key.seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
             let record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data };
             self.send(ClientMessage::SnapshotUpload(record));
@@ -526,10 +693,17 @@ impl SynqClient {
 
     /// Seals and sends the view events published this frame.
     pub(crate) fn flush(&mut self, outbox: &mut Outbox) {
-        if self.connection.is_none() || matches!(self.phase, Phase::Failed | Phase::Connecting) {
+        if self.connection.is_none() || !matches!(self.phase, Phase::Running | Phase::AwaitingSync { .. }) {
             return;
         }
         for plaintext in outbox.pending.drain(..) {
+            synq_debug!(
+                self.config.debug,
+                SENDS,
+                "event type #{} ({} bytes)",
+                u16::from_le_bytes([plaintext[0], plaintext[1]]),
+                plaintext.len()
+            );
             let binding = Binding::SessionView(self.ids.session, self.ids.view);
             let sealed = self.key.seal(SealKind::Event, &binding, &plaintext);
             if let Some(connection) = self.connection.as_mut() {
@@ -537,4 +711,11 @@ impl SynqClient {
             }
         }
     }
+}
+
+/// The next reconnect delay: `min(30 s, (delay + 100 ms) * (1 + random))`, as Croquet does.
+fn jittered(delay_ms: u64) -> u64 {
+    use chacha20poly1305::aead::rand_core::RngCore;
+    let random = f64::from(chacha20poly1305::aead::OsRng.next_u32()) / f64::from(u32::MAX);
+    (((delay_ms + 100) as f64) * (1.0 + random)).min(30_000.0) as u64
 }

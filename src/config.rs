@@ -29,6 +29,18 @@ pub struct SessionConfig {
     pub snapshot_policy: SnapshotPolicy,
     /// How much catching up a late joiner does per frame.
     pub catch_up: CatchUpBudget,
+    /// After a lost connection, a client that is back within this limit (and missed nothing)
+    /// continues seamlessly: its view notices nothing. Later, it resyncs from the latest
+    /// snapshot. Croquet's `rejoinLimit`; default 1000 ms.
+    pub rejoin_limit: Duration,
+    /// After this long without a word from the reflector (it ticks every `tick_ms` when nothing
+    /// else flows), the client considers the connection lost and reconnects; at least 20 ticks.
+    /// Default 2 s.
+    pub silence_limit: Duration,
+    /// The key the reflector asks of this app, if it controls access.
+    pub api_key: Option<String>,
+    /// Debug output to log (added to what `SYNQ_DEBUG` names).
+    pub debug: crate::DebugFlags,
     /// This client's view id; random when `None`.
     pub view_id: Option<ViewId>,
     /// Source text of the model code, fed into the code hash: any change makes a new session.
@@ -49,6 +61,10 @@ impl SessionConfig {
             tick_ms: 50,
             snapshot_policy: SnapshotPolicy::default(),
             catch_up: CatchUpBudget::default(),
+            rejoin_limit: Duration::from_millis(1000),
+            silence_limit: Duration::from_secs(2),
+            api_key: None,
+            debug: crate::DebugFlags::NONE,
             view_id: None,
             model_sources: Vec::new(),
             code_hash_override: None,

@@ -75,6 +75,7 @@
 
 mod client;
 mod config;
+mod debug;
 pub mod math;
 pub mod model;
 mod plugin;
@@ -85,6 +86,7 @@ pub mod view;
 
 pub use client::{HashRecord, ModelWorld, Outbox, SessionIds, StartKind, SynqClient};
 pub use config::{CatchUpBudget, SessionConfig};
+pub use debug::DebugFlags;
 pub use model::*;
 pub use plugin::{EmbeddedReflectorHandle, ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash, session_ids};
 pub use status::{DivergenceDetected, SynqProblem, SynqStatus, is_synced};

@@ -10,6 +10,7 @@ use synq_reflector::inproc::{EmbeddedReflector, InProcessHandle};
 
 use crate::client::{ModelWorld, Outbox, SessionIds, SynqClient};
 use crate::config::SessionConfig;
+use crate::debug::synq_debug;
 use crate::model::app::{ModelApp, ModelPlugin, WorldSettings};
 use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
 use crate::transport::Connector;
@@ -98,7 +99,13 @@ pub fn model_code_hash(model: &dyn ModelPlugin, session: &SessionConfig) -> Code
     if let Some(forced) = session.code_hash_override {
         hasher.hash_override(forced);
     }
-    hasher.finish()
+    let hash = hasher.finish();
+    let flags = session.debug | crate::DebugFlags::from_env();
+    for entry in hasher.entries() {
+        synq_debug!(flags, HASHING, "{} {}", synq_protocol::ids::base64url(&entry.hash[..9]), entry.label);
+    }
+    synq_debug!(flags, HASHING, "code hash {hash}{}", if hasher.is_overridden() { " (overridden)" } else { "" });
+    hash
 }
 
 /// The options that make up a session's identity besides the code.
@@ -151,7 +158,16 @@ impl Plugin for SynqPlugin {
                 return;
             }
         };
+        let mut session = session;
+        session.debug = session.debug | crate::DebugFlags::from_env();
         let view = session.view_id.unwrap_or_else(random_view_id);
+        synq_debug!(
+            session.debug,
+            SESSION,
+            "app {} name {:?}: persistent id {persistent}, session id {session_id}, view {view}",
+            session.app_id,
+            session.name
+        );
         let ids = SessionIds { session: session_id, persistent, view };
         let key = match SessionKey::derive(&session.password, &persistent, session.kdf) {
             Ok(key) => key,

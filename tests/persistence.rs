@@ -326,3 +326,47 @@ fn a_burst_of_persist_calls_makes_one_prompt_upload_and_one_at_the_end_of_the_co
     h.settle();
     h.assert_converged();
 }
+
+#[test]
+fn persisted_data_can_be_exported_and_imported_with_the_password() {
+    let dir = data_dir("persist-cli");
+    let reflector = ReflectorProcess::start(&dir, None);
+    play_version_1(&reflector, "backup", "pw", false);
+    drop(reflector); // the CLI works on a stopped reflector's data directory
+
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut command = std::process::Command::new(common::process::reflector_binary());
+        command.args(["persisted"]).args(args).args(["--data-dir"]).arg(&dir);
+        command.args(["--app-id", "io.bevy-synq.tests", "--name", "backup", "--insecure-fast-kdf"]);
+        command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        if let Some(text) = stdin {
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let exported = cli(&["export", "--password", "pw"], None);
+    assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));
+    let json = String::from_utf8(exported.stdout).unwrap();
+    assert_eq!(json.trim(), r#"{"data":{"names":["ada"],"points":[120]},"version":1}"#);
+
+    let wrong = cli(&["export", "--password", "nope"], None);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong session password"));
+
+    let edited = r#"{"version": 1, "data": {"names": ["ada", "zed"], "points": [120, 7]}}"#;
+    let imported = cli(&["import", "--password", "pw", "-"], Some(edited));
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+
+    let reflector = ReflectorProcess::start(&dir, None);
+    let mut c = udp_app(v2_with(migrations_v2), session("backup", 3, "pw"), reflector.addr);
+    run_until(&mut [&mut c], TIMEOUT, |apps| synced(apps[0]));
+    let board = model_resource::<BoardV2>(&c).unwrap();
+    assert_eq!(board.table, BTreeMap::from([("ada".to_string(), 120), ("zed".to_string(), 7)]));
+    let _ = std::fs::remove_dir_all(dir);
+}

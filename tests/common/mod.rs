@@ -30,6 +30,9 @@ pub struct Harness {
 pub fn test_session(name: &str) -> SessionConfig {
     let mut session = SessionConfig::new("io.bevy-synq.tests", name, "correct horse");
     session.kdf = KdfParams::INSECURE_FAST;
+    // The virtual clock stands still while a test inspects its apps: never mistake that for a
+    // dead reflector.
+    session.silence_limit = std::time::Duration::from_secs(3600);
     session
 }
 

@@ -9,23 +9,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `synq-reflector` binary, built if needed.
+/// The `synq-reflector` binary, brought up to date once per test binary (a no-op when
+/// `cargo test --workspace` already built it).
 pub fn reflector_binary() -> PathBuf {
-    // target/<profile>/deps/<test> -> target/<profile>/synq-reflector
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let binary = dir.join(format!("synq-reflector{}", std::env::consts::EXE_SUFFIX));
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "synq_reflector", "--bin", "synq-reflector"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build for synq-reflector");
-        assert!(status.success(), "building synq-reflector failed");
-    }
-    binary
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/<test> -> target/<profile>/synq-reflector
+            let exe = std::env::current_exe().expect("test executable path");
+            let dir = exe.parent().and_then(Path::parent).expect("target dir");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "synq_reflector", "--bin", "synq-reflector"]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("running cargo build for synq-reflector");
+            assert!(status.success(), "building synq-reflector failed");
+            dir.join(format!("synq-reflector{}", std::env::consts::EXE_SUFFIX))
+        })
+        .clone()
 }
 
 /// A fresh, empty data directory under the system's temp dir.
@@ -46,11 +49,18 @@ pub struct ReflectorProcess {
 impl ReflectorProcess {
     /// Starts the reflector on a free loopback port (or `addr`, to restart on the same one).
     pub fn start(data_dir: &Path, addr: Option<SocketAddr>) -> Self {
+        Self::start_with(data_dir, addr, &[])
+    }
+
+    /// Starts the reflector with extra command-line options.
+    pub fn start_with(data_dir: &Path, addr: Option<SocketAddr>, options: &[&str]) -> Self {
         let listen = addr.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         let mut child = Command::new(reflector_binary())
             .args(["--listen", &listen, "--data-dir"])
             .arg(data_dir)
-            .env("RUST_LOG", "warn")
+            .args(options)
+            // Stray packets of clients from before a restart are expected in these tests.
+            .env("RUST_LOG", "warn,renetcode=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -45,6 +45,14 @@ pub struct ReflectorConfig {
     pub max_buffered_events: usize,
     /// Size limits.
     pub limits: Limits,
+    /// A disconnected view leaves its session (in the model: view-exit) only after this long; a
+    /// client that reconnects sooner never left. Croquet's `rejoinLimit` (1000 ms) + 250 ms.
+    pub leave_delay_ms: u64,
+    /// Most events one client may send per second (Croquet's hard maximum is 60; clients bundle
+    /// above 20 per second, so well-behaved clients never reach it). Excess events are refused.
+    pub max_events_per_second: u32,
+    /// Which apps are admitted.
+    pub access: AccessControl,
 }
 
 impl Default for ReflectorConfig {
@@ -56,6 +64,9 @@ impl Default for ReflectorConfig {
             request_snapshot_at: 60_000,
             max_buffered_events: 100_000,
             limits: Limits::default(),
+            max_events_per_second: 60,
+            leave_delay_ms: 1250,
+            access: AccessControl::Open,
         }
     }
 }
@@ -82,6 +93,41 @@ pub enum Output {
 struct ClientState {
     session: Option<SessionId>,
     view: ViewId,
+    /// Token bucket of the event rate limit: events the client may still send now.
+    tokens: f64,
+    /// When the bucket was last refilled.
+    refilled_at: u64,
+}
+
+/// Which apps the reflector admits.
+///
+/// bevy_synq checks an API key at join rather than using netcode's secure connect tokens: keys need
+/// no token server, and the payloads are sealed end to end anyway, so what access control protects
+/// is the reflector's resources, not the sessions' content.
+#[derive(Clone, Debug, Default)]
+pub enum AccessControl {
+    /// Anyone may join any session (local play, tests).
+    #[default]
+    Open,
+    /// Only clients presenting one of the keys listed for their app id.
+    ApiKeys(HashMap<String, Vec<String>>),
+}
+
+impl AccessControl {
+    /// Whether a join for `app_id` with `key` is admitted.
+    pub fn admits(&self, app_id: &str, key: Option<&str>) -> bool {
+        match self {
+            AccessControl::Open => true,
+            AccessControl::ApiKeys(keys) => match (keys.get(app_id), key) {
+                (Some(valid), Some(key)) => valid.iter().any(|v| constant_time_eq(v.as_bytes(), key.as_bytes())),
+                _ => false,
+            },
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The reflector's state machine. See the crate documentation.
@@ -164,19 +210,36 @@ impl Reflector {
     }
 
     /// A new connection. It must send `Join` first.
-    pub fn connect(&mut self, _now: u64, client: ClientId) {
-        self.clients.insert(client, ClientState { session: None, view: ViewId(0) });
+    pub fn connect(&mut self, now: u64, client: ClientId) {
+        let tokens = f64::from(self.config.max_events_per_second);
+        self.clients.insert(client, ClientState { session: None, view: ViewId(0), tokens, refilled_at: now });
     }
 
     /// A connection closed (or timed out). Its view leaves its session.
     pub fn disconnect(&mut self, now: u64, client: ClientId) {
         let Some(state) = self.clients.remove(&client) else { return };
         let Some(session_id) = state.session else { return };
-        let batch_ms = self.config.users_batch_ms;
         if let Some(session) = self.sessions.get_mut(&session_id) {
             session.clients.retain(|(c, _)| *c != client);
-            queue_user_change(session, now, batch_ms, state.view, false);
-            if session.clients.is_empty() {
+            // The view leaves only if it does not come back within the leave delay.
+            session.pending_leaves.push((state.view, now + self.config.leave_delay_ms));
+        }
+    }
+
+    /// Turns due pending leaves into leave notices; pauses a session once it is empty and has
+    /// nothing left to announce.
+    fn expire_leaves(&mut self, now: u64) {
+        let batch_ms = self.config.users_batch_ms;
+        for session in self.sessions.values_mut() {
+            if session.pending_leaves.is_empty() || session.paused_at.is_some() {
+                continue;
+            }
+            let (due, waiting): (Vec<_>, Vec<_>) = session.pending_leaves.drain(..).partition(|(_, at)| now >= *at);
+            session.pending_leaves = waiting;
+            for (view, _) in due {
+                queue_user_change(session, now, batch_ms, view, false);
+            }
+            if session.clients.is_empty() && session.pending_leaves.is_empty() {
                 // Nobody will hear the leave batch live; stamp it now so that it is buffered and
                 // replayed by the next joiner, then pause session time.
                 flush_users(session, now, &mut self.storage, &mut self.outputs);
@@ -215,6 +278,15 @@ impl Reflector {
                     );
                     return;
                 }
+                if !self.take_token(now, client) {
+                    let limit = self.config.max_events_per_second;
+                    self.send_error(
+                        client,
+                        ErrorCode::RateLimited,
+                        format!("more than {limit} events per second; dropped"),
+                    );
+                    return;
+                }
                 let view = self.clients[&client].view;
                 self.stamp(now, session, client, EventBody::View { sender: view, payload });
             }
@@ -228,6 +300,7 @@ impl Reflector {
     /// Fires what is due: heartbeat ticks, join/leave batches, vote tallies, storage upkeep.
     pub fn poll(&mut self, now: u64) {
         self.sync_storage(now);
+        self.expire_leaves(now);
         for session in self.sessions.values_mut() {
             if session.clients.is_empty() {
                 continue;
@@ -270,15 +343,17 @@ impl Reflector {
 
     /// The earliest time at which [`Reflector::poll`] has something to do.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.sessions
+        let active = self.sessions.values().filter(|s| !s.clients.is_empty()).flat_map(|s| {
+            let tick = s.last_broadcast + u64::from(s.tick_ms);
+            let tallies = s.tallies.values().map(|t| t.deadline);
+            std::iter::once(tick).chain(s.users.deadline).chain(tallies)
+        });
+        let leaves = self
+            .sessions
             .values()
-            .filter(|s| !s.clients.is_empty())
-            .flat_map(|s| {
-                let tick = s.last_broadcast + u64::from(s.tick_ms);
-                let tallies = s.tallies.values().map(|t| t.deadline);
-                std::iter::once(tick).chain(s.users.deadline).chain(tallies)
-            })
-            .min()
+            .filter(|s| s.paused_at.is_none())
+            .flat_map(|s| s.pending_leaves.iter().map(|(_, at)| *at));
+        active.chain(leaves).min()
     }
 
     fn send(&mut self, client: ClientId, message: ServerMessage) {
@@ -297,6 +372,11 @@ impl Reflector {
         if join.protocol != PROTOCOL_VERSION {
             let msg = format!("client speaks protocol {}, this reflector speaks {PROTOCOL_VERSION}", join.protocol);
             return self.close(client, error_message(ErrorCode::ProtocolVersion, msg));
+        }
+        if !self.config.access.admits(&join.app_id, join.api_key.as_deref()) {
+            tracing::warn!(app_id = %join.app_id, "join refused: missing or wrong API key");
+            let msg = format!("app {} is not admitted by this reflector: missing or wrong API key", join.app_id);
+            return self.close(client, error_message(ErrorCode::AccessDenied, msg));
         }
         let tick_ms = if join.tick_ms == 0 { self.config.default_tick_ms } else { join.tick_ms.clamp(10, 30_000) };
         if !self.sessions.contains_key(&join.session_id) {
@@ -355,16 +435,30 @@ impl Reflector {
             events,
         };
         session.clients.push((client, join.view_id));
-        if resumable.is_none() {
+        let was_leaving = session.pending_leaves.iter().any(|(v, _)| *v == join.view_id);
+        session.pending_leaves.retain(|(v, _)| *v != join.view_id);
+        if !was_leaving && resumable.is_none() {
             queue_user_change(session, now, self.config.users_batch_ms, join.view_id, true);
-        } else {
-            // A seamless rejoin cancels a leave that has not been stamped yet.
-            session.users.left.retain(|v| *v != join.view_id);
         }
         let state = self.clients.get_mut(&client).expect("joined client is connected");
         state.session = Some(join.session_id);
         state.view = join.view_id;
         self.send(client, ServerMessage::Sync(sync));
+    }
+
+    /// Refills the client's token bucket and takes one token if there is one.
+    fn take_token(&mut self, now: u64, client: ClientId) -> bool {
+        let rate = f64::from(self.config.max_events_per_second);
+        let Some(state) = self.clients.get_mut(&client) else { return false };
+        let elapsed = now.saturating_sub(state.refilled_at) as f64 / 1000.0;
+        state.tokens = (state.tokens + elapsed * rate).min(rate);
+        state.refilled_at = now;
+        if state.tokens >= 1.0 {
+            state.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Resumes a session from storage, or creates it.
@@ -393,6 +487,7 @@ impl Reflector {
             awaited_upload: None,
             awaited_persist: None,
             persisted_vote: None,
+            pending_leaves: Vec::new(),
             requested_at: None,
         };
         match stored {
@@ -651,5 +746,339 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
     let message = Arc::new(ServerMessage::Tally(Tally { purpose, time, seq, groups, uploader }));
     for (client, _) in &session.clients {
         outputs.push(Output::Send { client: *client, message: message.clone() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synq_protocol::crypto::Sealed;
+
+    const SESSION: SessionId = SessionId([1; 32]);
+
+    fn sealed(n: usize) -> Sealed {
+        Sealed { nonce: [0; 24], ciphertext: vec![7; n] }
+    }
+
+    fn join(view: u64) -> ClientMessage {
+        ClientMessage::Join(Join {
+            protocol: PROTOCOL_VERSION,
+            app_id: "io.example.test".into(),
+            api_key: None,
+            session_id: SESSION,
+            persistent_id: PersistentId([2; 32]),
+            view_id: ViewId(view),
+            tick_ms: 50,
+            password_check: sealed(16),
+            resume_after: None,
+        })
+    }
+
+    fn sent(r: &mut Reflector) -> Vec<(ClientId, ServerMessage)> {
+        r.drain_outputs()
+            .map(|o| match o {
+                Output::Send { client, message } => (client, (*message).clone()),
+                Output::Close { client, reason } => (client, ServerMessage::Error(reason)),
+            })
+            .collect()
+    }
+
+    fn events(out: &[(ClientId, ServerMessage)], client: ClientId) -> Vec<StampedEvent> {
+        out.iter()
+            .filter(|(c, _)| *c == client)
+            .filter_map(|(_, m)| match m {
+                ServerMessage::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn joined(r: &mut Reflector, now: u64, client: ClientId, view: u64) -> Sync {
+        r.connect(now, client);
+        r.handle(now, client, join(view));
+        let out = sent(r);
+        match out.iter().find(|(c, _)| *c == client) {
+            Some((_, ServerMessage::Sync(sync))) => sync.clone(),
+            other => panic!("expected a sync, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_are_stamped_in_order_from_just_below_the_wrap_and_broadcast() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        let sync = joined(&mut r, 1000, 1, 10);
+        assert!(matches!(sync.start, SyncStart::Fresh { persisted: None }));
+        assert_eq!(sync.seq, INITIAL_SEQ);
+        joined(&mut r, 1000, 2, 20);
+        let mut seqs = Vec::new();
+        for i in 0..20 {
+            r.handle(1000 + i, 1, ClientMessage::Event(sealed(8)));
+            let out = sent(&mut r);
+            let to_1 = events(&out, 1);
+            assert_eq!(to_1, events(&out, 2), "both clients get the same stamped event");
+            seqs.push(to_1[0].seq);
+            assert_eq!(to_1[0].time, i);
+        }
+        assert_eq!(seqs[0], INITIAL_SEQ.wrapping_add(1));
+        assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
+        assert!(seqs.contains(&0), "wrapped around");
+    }
+
+    #[test]
+    fn ticks_only_after_silence() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        r.poll(30);
+        assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))));
+        r.handle(40, 1, ClientMessage::Event(sealed(8)));
+        r.poll(80);
+        assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))), "event at 40 resets the timer");
+        r.poll(90);
+        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tick(90))));
+        assert_eq!(r.next_deadline(), Some(140));
+    }
+
+    #[test]
+    fn joins_and_leaves_are_batched_and_cancel_out() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        joined(&mut r, 50, 2, 20);
+        r.disconnect(100, 2);
+        // Back within the leave delay: view 20 never left.
+        r.connect(600, 3);
+        r.handle(600, 3, join(20));
+        r.poll(2000);
+        let mut out = sent(&mut r);
+        r.connect(2000, 4);
+        r.handle(2000, 4, join(40));
+        r.disconnect(2050, 4); // gone for good
+        for now in [2100, 2300, 3400, 3700] {
+            r.poll(now);
+            out.extend(sent(&mut r));
+        }
+        let users: Vec<_> =
+            events(&out, 1).into_iter().map(|e| e.body).filter(|b| matches!(b, EventBody::Users { .. })).collect();
+        assert_eq!(
+            users,
+            vec![
+                EventBody::Users { joined: vec![ViewId(10), ViewId(20)], left: vec![], reset: false },
+                EventBody::Users { joined: vec![ViewId(40)], left: vec![], reset: false },
+                EventBody::Users { joined: vec![], left: vec![ViewId(40)], reset: false },
+            ]
+        );
+    }
+
+    #[test]
+    fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        joined(&mut r, 0, 2, 20);
+        r.poll(300);
+        for _ in 0..5 {
+            r.handle(400, 1, ClientMessage::Event(sealed(8)));
+        }
+        let covered = INITIAL_SEQ.wrapping_add(4);
+        sent(&mut r);
+        let vote = HashVote { purpose: VotePurpose::Snapshot, time: 400, seq: covered, vote: [9; 32] };
+        r.handle(401, 2, ClientMessage::HashVote(vote.clone()));
+        r.handle(402, 1, ClientMessage::HashVote(vote));
+        let out = sent(&mut r);
+        let tally = out
+            .iter()
+            .find_map(|(_, m)| match m {
+                ServerMessage::Tally(t) => Some(t.clone()),
+                _ => None,
+            })
+            .expect("tally once everyone voted");
+        assert_eq!(tally.groups.len(), 1);
+        assert_eq!(tally.uploader, Some(ViewId(20)), "the first voter uploads");
+        // An upload by someone else is ignored.
+        let record = SnapshotRecord { time: 400, seq: covered, vote: [9; 32], data: sealed(100) };
+        r.handle(403, 1, ClientMessage::SnapshotUpload(record.clone()));
+        assert!(r.snapshot(&SESSION).is_none());
+        r.handle(403, 2, ClientMessage::SnapshotUpload(record));
+        assert!(r.snapshot(&SESSION).is_some());
+        assert_eq!(r.buffered_events(&SESSION), Some(2), "events after the snapshot remain");
+        let sync = joined(&mut r, 500, 3, 30);
+        assert!(matches!(sync.start, SyncStart::Snapshot(ref s) if s.seq == covered));
+        assert_eq!(sync.events.len(), 2);
+        assert_eq!(sync.events[0].seq, covered.wrapping_add(1));
+    }
+
+    #[test]
+    fn divergent_votes_are_grouped_consensus_first() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        for (client, view) in [(1, 10), (2, 20), (3, 30)] {
+            joined(&mut r, 0, client, view);
+        }
+        sent(&mut r);
+        r.handle(
+            10,
+            1,
+            ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [1; 32] }),
+        );
+        r.handle(
+            10,
+            2,
+            ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [2; 32] }),
+        );
+        r.handle(
+            10,
+            3,
+            ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [2; 32] }),
+        );
+        let tally = sent(&mut r)
+            .into_iter()
+            .find_map(|(_, m)| match m {
+                ServerMessage::Tally(t) => Some(t),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(tally.groups[0].views, vec![ViewId(20), ViewId(30)]);
+        assert_eq!(tally.groups[1].views, vec![ViewId(10)]);
+        assert_eq!(tally.uploader, Some(ViewId(20)));
+    }
+
+    #[test]
+    fn a_tally_closes_after_its_window_without_every_vote() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 0, 1, 10);
+        joined(&mut r, 0, 2, 20);
+        sent(&mut r);
+        r.handle(
+            10,
+            1,
+            ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [1; 32] }),
+        );
+        r.poll(500);
+        assert!(!sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
+        r.poll(1010);
+        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
+    }
+
+    #[test]
+    fn bad_clients_get_clear_errors() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        r.connect(0, 1);
+        r.handle(0, 1, ClientMessage::Event(sealed(8)));
+        assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::NotJoined));
+
+        r.connect(0, 2);
+        let ClientMessage::Join(mut old) = join(5) else { unreachable!() };
+        old.protocol = 99;
+        r.handle(0, 2, ClientMessage::Join(old));
+        assert!(matches!(&sent(&mut r)[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::ProtocolVersion));
+
+        joined(&mut r, 0, 3, 30);
+        r.connect(0, 4);
+        r.handle(0, 4, join(30));
+        assert!(matches!(&sent(&mut r)[..], [(4, ServerMessage::Error(e))] if e.code == ErrorCode::DuplicateView));
+
+        r.handle(0, 3, ClientMessage::Event(sealed(20_000)));
+        assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::TooLarge));
+    }
+
+    #[test]
+    fn a_full_buffer_asks_for_a_snapshot_then_refuses_events() {
+        let config = ReflectorConfig { request_snapshot_at: 5, max_buffered_events: 8, ..Default::default() };
+        let mut r = Reflector::new(config);
+        joined(&mut r, 0, 1, 10);
+        sent(&mut r);
+        let mut requested = false;
+        for _ in 0..7 {
+            r.handle(1, 1, ClientMessage::Event(sealed(8)));
+            requested |= events(&sent(&mut r), 1).iter().any(|e| e.body == EventBody::SnapshotRequest);
+        }
+        assert!(requested);
+        r.handle(1, 1, ClientMessage::Event(sealed(8)));
+        assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::BufferFull));
+    }
+
+    #[test]
+    fn session_time_pauses_while_empty() {
+        let mut r = Reflector::new(ReflectorConfig::default());
+        joined(&mut r, 1000, 1, 10);
+        r.disconnect(3000, 1);
+        r.poll(4250); // the leave delay ends: the leave is stamped and time pauses
+        let sync = joined(&mut r, 60_000, 2, 20);
+        assert_eq!(sync.time, 3250);
+    }
+
+    #[test]
+    fn a_restarted_reflector_resumes_its_sessions_from_storage() {
+        let dir = std::env::temp_dir().join(format!("synq-core-restart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let storage = || Box::new(crate::storage::DiskStorage::open(&dir).unwrap());
+        let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+        joined(&mut r, 1000, 1, 10);
+        r.poll(1300);
+        for i in 0..5 {
+            r.handle(1400 + i, 1, ClientMessage::Event(sealed(8)));
+        }
+        r.poll(2500);
+        let before = sent(&mut r);
+        let last = events(&before, 1).last().cloned().unwrap();
+        let last_tick = before
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ServerMessage::Tick(t) => Some(*t),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        drop(r); // as if killed: nothing flushed
+
+        let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+        let sync = joined(&mut r, 50, 2, 20);
+        assert!(matches!(sync.start, SyncStart::Fresh { .. }), "no snapshot was stored");
+        assert_eq!(sync.seq, last.seq, "sequence numbers continue");
+        assert_eq!(sync.events.last(), Some(&last), "every acknowledged event survived");
+        assert!(sync.time >= last_tick, "session time continues: {} < {last_tick}", sync.time);
+        r.poll(300);
+        let users = events(&sent(&mut r), 2);
+        assert!(matches!(&users[0].body, EventBody::Users { reset: true, .. }), "{users:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn api_keys_admit_only_their_app() {
+        let mut keys = HashMap::new();
+        keys.insert("io.example.test".to_string(), vec!["k1".to_string()]);
+        let mut r = Reflector::new(ReflectorConfig { access: AccessControl::ApiKeys(keys), ..Default::default() });
+        r.connect(0, 1);
+        r.handle(0, 1, join(10));
+        let out = sent(&mut r);
+        assert!(
+            matches!(&out[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied && e.message.contains("API key"))
+        );
+        let ClientMessage::Join(mut with_key) = join(11) else { unreachable!() };
+        with_key.api_key = Some("k1".into());
+        r.connect(0, 2);
+        r.handle(0, 2, ClientMessage::Join(with_key.clone()));
+        assert!(sent(&mut r).iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Sync(_))));
+        with_key.api_key = Some("k2".into());
+        with_key.view_id = ViewId(12);
+        r.connect(0, 3);
+        r.handle(0, 3, ClientMessage::Join(with_key));
+        assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied));
+    }
+
+    #[test]
+    fn events_beyond_the_rate_limit_are_refused_with_a_reason() {
+        let mut r = Reflector::new(ReflectorConfig { max_events_per_second: 10, ..Default::default() });
+        joined(&mut r, 0, 1, 10);
+        sent(&mut r);
+        let mut refused = 0;
+        for _ in 0..15 {
+            r.handle(100, 1, ClientMessage::Event(sealed(8)));
+            refused += sent(&mut r)
+                .iter()
+                .filter(|(_, m)| matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::RateLimited))
+                .count();
+        }
+        assert_eq!(refused, 5);
+        // A second later the bucket is full again.
+        r.handle(1100, 1, ClientMessage::Event(sealed(8)));
+        assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Event(_))));
     }
 }

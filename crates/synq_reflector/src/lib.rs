@@ -17,4 +17,4 @@ pub mod server;
 mod session;
 pub mod storage;
 
-pub use crate::core::{ClientId, Output, Reflector, ReflectorConfig, TIME_MARK_MS};
+pub use crate::core::{AccessControl, ClientId, Output, Reflector, ReflectorConfig, TIME_MARK_MS};

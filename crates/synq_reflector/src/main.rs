@@ -8,6 +8,17 @@
 //! gracefully: every client is told [`ErrorCode::ShuttingDown`], then it exits with status 0.
 //! A second signal exits at once.
 //!
+//! Access control: with one or more `--api-key APP_ID=KEY`, only clients of those apps presenting
+//! one of their keys are admitted; without any, every app is (and a warning says so).
+//!
+//! Backup and restore of persisted data (decrypted locally with the session password; run them
+//! while the reflector is stopped):
+//!
+//! ```text
+//! synq-reflector persisted export --data-dir ./synq-data --app-id io.example.game --name lobby --password … > backup.json
+//! synq-reflector persisted import --data-dir ./synq-data --app-id io.example.game --name lobby --password … backup.json
+//! ```
+//!
 //! [`ErrorCode::ShuttingDown`]: synq_protocol::wire::ErrorCode::ShuttingDown
 
 use std::net::SocketAddr;
@@ -17,8 +28,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::Parser;
-use synq_reflector::ReflectorConfig;
+use clap::{Parser, Subcommand};
+use synq_reflector::{AccessControl, ReflectorConfig};
+
+mod persisted_cli;
 use synq_reflector::server::{
     DEFAULT_LISTEN, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT, UdpReflector, UdpReflectorConfig,
 };
@@ -46,6 +59,31 @@ struct Args {
     /// this often; 0 = busy loop).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     idle_sleep_us: u64,
+    /// Admit clients of APP_ID presenting KEY (repeatable; several keys per app allowed). Without
+    /// any, every app is admitted.
+    #[arg(long = "api-key", value_name = "APP_ID=KEY", value_parser = parse_api_key)]
+    api_keys: Vec<(String, String)>,
+    /// Most events one client may send per second; more are refused.
+    #[arg(long, default_value_t = 60)]
+    max_events_per_second: u32,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Back up or restore the persisted data of a session name.
+    Persisted {
+        #[command(subcommand)]
+        action: persisted_cli::Action,
+    },
+}
+
+fn parse_api_key(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((app, key)) if !app.is_empty() && !key.is_empty() => Ok((app.to_string(), key.to_string())),
+        _ => Err(format!("expected APP_ID=KEY, got {text:?}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -55,8 +93,22 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Persisted { action }) = args.command {
+        return persisted_cli::run(action);
+    }
 
     tracing::info!(data_dir = %args.data_dir.display(), "data directory");
+    let access = if args.api_keys.is_empty() {
+        tracing::warn!("no --api-key given: every app is admitted");
+        AccessControl::Open
+    } else {
+        let mut keys = std::collections::HashMap::<String, Vec<String>>::new();
+        for (app, key) in &args.api_keys {
+            keys.entry(app.clone()).or_default().push(key.clone());
+        }
+        tracing::info!(apps = keys.len(), "access control: API keys");
+        AccessControl::ApiKeys(keys)
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -75,7 +127,12 @@ fn main() -> ExitCode {
         protocol_id: args.protocol_id,
         max_clients: args.max_clients as usize,
         idle_sleep: Duration::from_micros(args.idle_sleep_us),
-        reflector: ReflectorConfig { default_tick_ms: args.tick_ms, ..ReflectorConfig::default() },
+        reflector: ReflectorConfig {
+            default_tick_ms: args.tick_ms,
+            max_events_per_second: args.max_events_per_second,
+            access,
+            ..ReflectorConfig::default()
+        },
         data_dir: Some(args.data_dir.clone()),
     };
     let mut reflector = match UdpReflector::bind(config) {

@@ -59,6 +59,8 @@ pub(crate) struct Session {
     pub awaited_persist: Option<AwaitedUpload>,
     /// Vote of the persisted data stored for this session's persistent id.
     pub persisted_vote: Option<Hash32>,
+    /// Views that disconnected, and when they leave unless they come back.
+    pub pending_leaves: Vec<(ViewId, u64)>,
     /// Buffered-event count at which the last snapshot request was sent.
     pub requested_at: Option<usize>,
 }
