@@ -159,6 +159,8 @@ pub struct SynqClient {
     reconnects: u32,
     /// When the reflector was last heard from (it ticks every `tick_ms` when nothing else flows).
     last_heard: Instant,
+    /// When the last event (or bundle) was sent, for the event rate limit.
+    last_send: Option<Instant>,
 }
 
 /// How long a `Sync` may take to arrive before the client tries again.
@@ -201,6 +203,7 @@ impl SynqClient {
             lost_at: None,
             reconnects: 0,
             last_heard: Instant::now(),
+            last_send: None,
         }
     }
 
@@ -696,12 +699,33 @@ impl SynqClient {
         if self.connection.is_none() || !matches!(self.phase, Phase::Running | Phase::AwaitingSync { .. }) {
             return;
         }
-        for plaintext in outbox.pending.drain(..) {
+        if outbox.pending.is_empty() {
+            return;
+        }
+        // Room for the nonce, the tag and the encoding around the plaintext.
+        let limit = synq_protocol::Limits::default().max_event_bytes - 64;
+        let too_large: Vec<usize> = outbox.pending.iter().filter(|p| p.len() > limit).map(Vec::len).collect();
+        for size in too_large {
+            let reason = format!("an event of {size} bytes exceeds the {limit}-byte limit and was dropped");
+            warn!("bevy_synq: {reason}");
+            self.problems.push(SynqProblem::Refused(reason));
+        }
+        outbox.pending.retain(|p| p.len() <= limit);
+        let interval = std::time::Duration::from_secs(1) / self.config.event_rate_limit.max(1);
+        if self.last_send.is_some_and(|at| at.elapsed() < interval) {
+            return; // wait: what is pending goes out in one bundle
+        }
+        let pending = std::mem::take(&mut outbox.pending);
+        let messages: Vec<Vec<u8>> = if pending.len() == 1 { pending } else { bundle(pending, limit) };
+        for plaintext in messages {
             synq_debug!(
                 self.config.debug,
                 SENDS,
-                "event type #{} ({} bytes)",
-                u16::from_le_bytes([plaintext[0], plaintext[1]]),
+                "{} ({} bytes)",
+                match u16::from_le_bytes([plaintext[0], plaintext[1]]) {
+                    0xFFFF => "a bundle of events".to_string(),
+                    index => format!("event type #{index}"),
+                },
                 plaintext.len()
             );
             let binding = Binding::SessionView(self.ids.session, self.ids.view);
@@ -710,6 +734,7 @@ impl SynqClient {
                 connection.send(ClientMessage::Event(sealed));
             }
         }
+        self.last_send = Some(Instant::now());
     }
 }
 
@@ -718,4 +743,30 @@ fn jittered(delay_ms: u64) -> u64 {
     use chacha20poly1305::aead::rand_core::RngCore;
     let random = f64::from(chacha20poly1305::aead::OsRng.next_u32()) / f64::from(u32::MAX);
     (((delay_ms + 100) as f64) * (1.0 + random)).min(30_000.0) as u64
+}
+
+/// Packs events into bundles of at most `limit` bytes: `[0xFF, 0xFF]` then the postcard list of
+/// the events' own plaintexts, in order.
+fn bundle(events: Vec<Vec<u8>>, limit: usize) -> Vec<Vec<u8>> {
+    let mut bundles = Vec::new();
+    let mut current: Vec<serde_bytes::ByteBuf> = Vec::new();
+    let mut size = 8;
+    let flush = |current: &mut Vec<serde_bytes::ByteBuf>, bundles: &mut Vec<Vec<u8>>| {
+        if !current.is_empty() {
+            let mut plaintext = vec![0xFF, 0xFF];
+            postcard::to_io(&*current, &mut plaintext).expect("bundles encode");
+            bundles.push(plaintext);
+            current.clear();
+        }
+    };
+    for event in events {
+        if size + event.len() + 4 > limit {
+            flush(&mut current, &mut bundles);
+            size = 8;
+        }
+        size += event.len() + 4;
+        current.push(serde_bytes::ByteBuf::from(event));
+    }
+    flush(&mut current, &mut bundles);
+    bundles
 }

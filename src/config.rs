@@ -37,6 +37,9 @@ pub struct SessionConfig {
     /// else flows), the client considers the connection lost and reconnects; at least 20 ticks.
     /// Default 2 s.
     pub silence_limit: Duration,
+    /// At most this many sealed messages per second go to the reflector; events published faster
+    /// are bundled (in order, up to 16 KiB per bundle). Croquet's `eventRateLimit`; default 20.
+    pub event_rate_limit: u32,
     /// The key the reflector asks of this app, if it controls access.
     pub api_key: Option<String>,
     /// Debug output to log (added to what `SYNQ_DEBUG` names).
@@ -63,6 +66,7 @@ impl SessionConfig {
             catch_up: CatchUpBudget::default(),
             rejoin_limit: Duration::from_millis(1000),
             silence_limit: Duration::from_secs(2),
+            event_rate_limit: 20,
             api_key: None,
             debug: crate::DebugFlags::NONE,
             view_id: None,

@@ -417,6 +417,17 @@ impl ModelRuntime {
     fn view_event(&mut self, sender: ViewId, plaintext: &[u8]) {
         let registry = self.registry.clone();
         let outcome = match plaintext {
+            [0xFF, 0xFF, payload @ ..] => match postcard::from_bytes::<Vec<serde_bytes::ByteBuf>>(payload) {
+                // A bundle: the events one view published faster than its send rate, in order.
+                Ok(events) => {
+                    for event in events.iter().filter(|e| !e.starts_with(&[0xFF, 0xFF])) {
+                        self.view_event(sender, event);
+                        self.world.flush();
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(format!("bad bundle: {e}")),
+            },
             [lo, hi, payload @ ..] => {
                 let index = u16::from_le_bytes([*lo, *hi]);
                 match registry.view_events.get(usize::from(index)) {

@@ -99,6 +99,9 @@ pub enum CryptoError {
     /// The key-derivation parameters are invalid.
     #[error("invalid key derivation parameters: {0}")]
     Params(String),
+    /// The session password is empty (as in Croquet, a password is required).
+    #[error("the session password must not be empty")]
+    EmptyPassword,
     /// The password check token does not open with this password.
     #[error("wrong session password")]
     WrongPassword,
@@ -165,6 +168,9 @@ impl fmt::Debug for SessionKey {
 impl SessionKey {
     /// Derives the key with Argon2id from the password and a salt derived from the persistent id.
     pub fn derive(password: &str, persistent_id: &PersistentId, params: KdfParams) -> Result<Self, CryptoError> {
+        if password.is_empty() {
+            return Err(CryptoError::EmptyPassword);
+        }
         let argon_params = argon2::Params::new(params.memory_kib, params.iterations, params.parallelism, Some(32))
             .map_err(|e| CryptoError::Params(e.to_string()))?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, argon_params);
@@ -393,5 +399,12 @@ mod tests {
         assert_eq!(nonces.len(), 1000);
         let other = key("pw").seal(SealKind::Event, &b, b"x").nonce;
         assert!(!nonces.contains(&other), "two keys share a nonce prefix");
+    }
+
+    #[test]
+    fn an_empty_password_is_refused() {
+        let error = SessionKey::derive("", &PersistentId([7; 32]), KdfParams::INSECURE_FAST).unwrap_err();
+        assert_eq!(error, CryptoError::EmptyPassword);
+        assert_eq!(error.to_string(), "the session password must not be empty");
     }
 }

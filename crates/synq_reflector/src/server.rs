@@ -155,6 +155,9 @@ pub struct UdpReflector {
     epoch: Instant,
     /// When renet was last advanced.
     last_update: Instant,
+    /// When packets were last flushed to the socket, and whether frames were queued since.
+    last_flush: Instant,
+    frames_queued: bool,
     /// renet (netcode) client id → the core's id for that connection. Core ids are never reused,
     /// so a client that reconnects with the same netcode id is a new connection to the core.
     by_renet: HashMap<u64, ClientId>,
@@ -163,6 +166,35 @@ pub struct UdpReflector {
     /// Connections closed by the reflector, waiting for their final error to be acknowledged,
     /// with the time at which they are dropped anyway.
     closing: HashMap<u64, Instant>,
+}
+
+/// How often acks are flushed when nothing else is sent.
+const ACK_FLUSH: Duration = Duration::from_millis(5);
+
+/// Socket buffer size asked for: the default (≈ 208 KiB) holds only a few milliseconds of traffic
+/// at high rates, and a scheduling gap then drops datagrams (each costing a renet resend).
+#[cfg(unix)]
+const SOCKET_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
+
+#[cfg(unix)]
+fn enlarge_socket_buffers(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let size = SOCKET_BUFFER_BYTES;
+        // SAFETY: a valid socket descriptor and a pointer to a c_int of the size given.
+        let result = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result != 0 {
+            tracing::warn!(option, "could not enlarge the socket buffer: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 fn unix_now() -> Duration {
@@ -177,6 +209,8 @@ impl UdpReflector {
         }
         let bind_error = |source| ServerError::Bind { addr: config.listen, source };
         let socket = UdpSocket::bind(config.listen).map_err(bind_error)?;
+        #[cfg(unix)]
+        enlarge_socket_buffers(&socket);
         let local_addr = socket.local_addr().map_err(bind_error)?;
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
@@ -205,6 +239,8 @@ impl UdpReflector {
             fd,
             epoch: now,
             last_update: now,
+            last_flush: now,
+            frames_queued: false,
             by_renet: HashMap::new(),
             by_core: HashMap::new(),
             next_client: 1,
@@ -252,7 +288,14 @@ impl UdpReflector {
         self.core.poll(t);
         self.dispatch(t, now);
         self.finish_closing(now);
-        self.transport.send_packets(&mut self.server);
+        // Flush at once when there is something to deliver; otherwise only every ACK_FLUSH, so
+        // that busy sockets do not turn into a storm of ack-only datagrams (renet writes a packet
+        // to every connection with pending acks on each flush).
+        if self.frames_queued || now.saturating_duration_since(self.last_flush) >= ACK_FLUSH {
+            self.transport.send_packets(&mut self.server);
+            self.last_flush = now;
+            self.frames_queued = false;
+        }
         received
     }
 
@@ -430,6 +473,7 @@ impl UdpReflector {
             return;
         }
         self.server.send_message(renet, CHANNEL, frame);
+        self.frames_queued = true;
     }
 
     /// Sends `reason`, stops handling the client, and disconnects it once the error was
