@@ -51,6 +51,17 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Number of events published but not sent yet (held by the send rate limit, or waiting for
+    /// the connection).
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether every published event was sent.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     pub(crate) fn push<T: serde::Serialize + 'static>(&mut self, event: &T) {
         let Some(&index) = self.index.get(&std::any::TypeId::of::<T>()) else {
             error!(
@@ -249,6 +260,14 @@ impl SynqClient {
         self.synced = false;
         self.connection = None;
         self.status = SynqStatus::Disconnected { reason };
+    }
+
+    /// Drops the connection and reconnects at once (e.g. after the device changed networks).
+    /// Back within the rejoin limit, the session continues seamlessly.
+    pub fn reconnect(&mut self) {
+        if matches!(self.phase, Phase::Running | Phase::AwaitingSync { .. }) {
+            self.lost("reconnect requested".into());
+        }
     }
 
     /// How many times the connection was restored after a loss.

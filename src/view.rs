@@ -83,6 +83,16 @@ impl<D: QueryData + 'static, F: QueryFilter + 'static> Default for ModelQueryCac
 
 /// A read-only query over the model world, for view systems: `ModelQuery<(&Ship, &Position)>`.
 ///
+/// Views cannot change the model: a mutable query does not compile.
+///
+/// ```compile_fail
+/// # use bevy::prelude::*;
+/// # use bevy_synq::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Component, Serialize, Deserialize)] struct Position(f32, f32);
+/// fn cheat(mut positions: ModelQuery<&mut Position>) {} // `&mut Position` is not read-only
+/// ```
+///
 /// Call [`ModelQuery::try_query`] for a Bevy `Query` with all its methods, or use the shortcuts.
 /// Model entities are renumbered at snapshot points; identify them across frames by [`ModelId`].
 ///

@@ -41,7 +41,9 @@ fn publish_many(app: &mut App, from: u32, count: u32) {
 
 #[test]
 fn a_burst_of_events_is_bundled_and_executed_in_order_everywhere() {
-    let mut h = Harness::new(test_session("bundles"), Box::new(|| Box::new(model)));
+    let mut session = test_session("bundles");
+    session.event_rate_limit = 20; // the default
+    let mut h = Harness::new(session, Box::new(|| Box::new(model)));
     let a = h.add_client(|_| {});
     let b = h.add_client(|_| {});
     h.run_rounds(5, 100);
