@@ -99,8 +99,8 @@ pub use synq_reflector as reflector;
 /// Everything a model or view usually needs.
 pub mod prelude {
     pub use crate::model::{
-        FromView, ModelApp, ModelEntities, ModelId, ModelInit, ModelPlugin, ModelRng, ModelTime, ModelTimers,
-        ModelUpdate, ModelViews, TimerId, ToView, ViewExited, ViewJoined,
+        FromView, Migrations, ModelApp, ModelEntities, ModelId, ModelInit, ModelPlugin, ModelRng, ModelTime,
+        ModelTimers, ModelUpdate, ModelViews, PersistSession, Persisted, TimerId, ToView, ViewExited, ViewJoined,
     };
     pub use crate::view::{Model, ModelQuery, Publish};
     pub use crate::{

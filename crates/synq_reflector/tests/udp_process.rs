@@ -324,6 +324,16 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     uploader.send(&join(30));
     uploader.wait_for("Sync", synced);
     let data: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    // The reflector only accepts the upload it asked for: vote first (alone, so the tally closes
+    // at once and elects this client).
+    let vote = synq_protocol::wire::HashVote {
+        purpose: synq_protocol::wire::VotePurpose::Persist,
+        time: 0,
+        seq: synq_protocol::INITIAL_SEQ,
+        vote: [9; 32],
+    };
+    uploader.send(&ClientMessage::HashVote(vote));
+    uploader.wait_for("Tally", |m| matches!(m, ServerMessage::Tally(t) if t.uploader.is_some()).then_some(()));
     let record = PersistRecord { time: 0, vote: [9; 32], data: Sealed { nonce: [4; 24], ciphertext: data.clone() } };
     let start = Instant::now();
     uploader.send(&ClientMessage::PersistUpload(record));
