@@ -216,17 +216,8 @@ impl ModelRuntime {
         }
         world.resource_mut::<PersistState>().loading = false;
         world.resource_mut::<FutureQueue>().push(0, FutureKind::Step);
-        let mut runtime = Self {
-            world,
-            plugin,
-            registry: Arc::new(registry),
-            settings,
-            policy,
-            points: Vec::new(),
-            problems,
-            persist_requests: Vec::new(),
-            reported: BTreeSet::new(),
-        };
+        let mut runtime = Self::assemble(world, plugin, registry, settings, policy);
+        runtime.problems = problems;
         runtime.collect_persist_requests();
         runtime.snapshot_point();
         runtime
@@ -241,7 +232,17 @@ impl ModelRuntime {
     ) -> Result<Self, SnapshotError> {
         let (mut world, registry) = Self::build(&plugin, settings);
         snapshot::restore(bytes, &mut world, &registry)?;
-        Ok(Self {
+        Ok(Self::assemble(world, plugin, registry, settings, policy))
+    }
+
+    fn assemble(
+        world: World,
+        plugin: Arc<dyn ModelPlugin>,
+        registry: ModelRegistry,
+        settings: WorldSettings,
+        policy: SnapshotPolicy,
+    ) -> Self {
+        Self {
             world,
             plugin,
             registry: Arc::new(registry),
@@ -251,7 +252,7 @@ impl ModelRuntime {
             problems: Vec::new(),
             persist_requests: Vec::new(),
             reported: BTreeSet::new(),
-        })
+        }
     }
 
     /// Starts a model fresh, outside any session (tools, replays, benchmarks).

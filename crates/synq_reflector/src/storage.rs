@@ -181,6 +181,18 @@ enum LogRecord {
     Mark(SessionTime),
 }
 
+/// Log records as written: length (u32 LE), checksum, postcard body — each.
+fn encode_records(records: &[LogRecord]) -> Vec<u8> {
+    let mut buffer = Vec::new();
+    for record in records {
+        let body = postcard::to_allocvec(record).expect("log records encode");
+        buffer.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        buffer.extend_from_slice(&checksum(&body));
+        buffer.extend_from_slice(&body);
+    }
+    buffer
+}
+
 fn checksum(bytes: &[u8]) -> [u8; 8] {
     let hash = hash_parts(&[bytes]);
     hash[..8].try_into().expect("8 bytes")
@@ -253,13 +265,7 @@ impl DiskStorage {
     }
 
     fn append(&mut self, session: &SessionId, records: &[LogRecord]) -> Result<(), StorageError> {
-        let mut buffer = Vec::new();
-        for record in records {
-            let body = postcard::to_allocvec(record).expect("log records encode");
-            buffer.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            buffer.extend_from_slice(&checksum(&body));
-            buffer.extend_from_slice(&body);
-        }
+        let buffer = encode_records(records);
         let path = self.session_dir(session).join("events.log");
         self.log(session)?.write_all(&buffer).map_err(io_err(&path))
     }
@@ -343,14 +349,9 @@ impl Storage for DiskStorage {
         let tmp = dir.join("events.log.tmp");
         {
             let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-            let mut buffer = Vec::new();
-            for record in remaining.iter().cloned().map(LogRecord::Event).chain([LogRecord::Mark(snapshot.time)]) {
-                let body = postcard::to_allocvec(&record).expect("log records encode");
-                buffer.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                buffer.extend_from_slice(&checksum(&body));
-                buffer.extend_from_slice(&body);
-            }
-            file.write_all(&buffer).map_err(io_err(&tmp))?;
+            let records: Vec<LogRecord> =
+                remaining.iter().cloned().map(LogRecord::Event).chain([LogRecord::Mark(snapshot.time)]).collect();
+            file.write_all(&encode_records(&records)).map_err(io_err(&tmp))?;
             file.sync_all().map_err(io_err(&tmp))?;
         }
         let log = dir.join("events.log");
