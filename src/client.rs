@@ -11,8 +11,8 @@ use std::time::Instant;
 use synq_protocol::crypto::{Binding, SealKind, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::wire::{
-    ClientMessage, ErrorCode, EventBody, HashVote, Join, PersistRecord, ServerMessage, SnapshotRecord, StampedEvent,
-    SyncStart, Tally, VotePurpose,
+    ClientMessage, ErrorCode, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, SyncStart,
+    VotePurpose,
 };
 use synq_protocol::{Hash32, PROTOCOL_VERSION};
 
@@ -23,6 +23,11 @@ use crate::model::app::{ModelPlugin, WorldSettings};
 use crate::model::runtime::{External, ExternalBody, ModelRuntime};
 use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
 use crate::transport::{Connection, Connector};
+
+mod outbox;
+mod votes;
+
+pub use outbox::Outbox;
 
 /// This replica's model, for view systems (through [`Model`](crate::view::Model) and
 /// [`ModelQuery`](crate::view::ModelQuery)).
@@ -40,41 +45,6 @@ impl ModelWorld {
     /// The runtime, mutably (for tests and tools: capturing, hashing).
     pub fn runtime_mut(&mut self) -> Option<&mut ModelRuntime> {
         self.runtime.as_mut()
-    }
-}
-
-/// View events waiting to be sealed and sent.
-#[derive(Resource, Default)]
-pub struct Outbox {
-    pub(crate) index: bevy::platform::collections::HashMap<std::any::TypeId, u16>,
-    pub(crate) pending: Vec<Vec<u8>>,
-}
-
-impl Outbox {
-    /// Number of events published but not sent yet (held by the send rate limit, or waiting for
-    /// the connection).
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// Whether every published event was sent.
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    pub(crate) fn push<T: serde::Serialize + 'static>(&mut self, event: &T) {
-        let Some(&index) = self.index.get(&std::any::TypeId::of::<T>()) else {
-            error!(
-                "bevy_synq: {} was published but never registered with ModelApp::add_view_event; dropped",
-                std::any::type_name::<T>()
-            );
-            return;
-        };
-        let mut bytes = index.to_le_bytes().to_vec();
-        match postcard::to_io(event, &mut bytes) {
-            Ok(_) => self.pending.push(bytes),
-            Err(e) => error!("bevy_synq: could not encode {}: {e}", std::any::type_name::<T>()),
-        }
     }
 }
 
@@ -658,103 +628,6 @@ impl SynqClient {
             self.problems.push(SynqProblem::Model(problem));
         }
     }
-
-    fn tally(&mut self, tally: &Tally) {
-        if tally.groups.len() > 1 {
-            let groups: Vec<Vec<ViewId>> = tally.groups.iter().map(|g| g.views.clone()).collect();
-            let described: Vec<String> = tally
-                .groups
-                .iter()
-                .map(|g| {
-                    let views: Vec<String> = g.views.iter().map(ToString::to_string).collect();
-                    format!("{}… [{}]", &synq_protocol::ids::base64url(&g.vote)[..8], views.join(", "))
-                })
-                .collect();
-            error!(
-                "bevy_synq: session {} diverged at model time {} ms (seq {}): {} groups of replicas: {}",
-                self.ids.session,
-                tally.time,
-                tally.seq,
-                tally.groups.len(),
-                described.join(" | ")
-            );
-            let in_consensus = tally.groups[0].views.contains(&self.ids.view);
-            self.divergences.push(DivergenceDetected { time: tally.time, seq: tally.seq, groups, in_consensus });
-        }
-        if tally.purpose == VotePurpose::Persist {
-            if tally.uploader == Some(self.ids.view) {
-                let Some(past) = self.recent_persists.iter().find(|p| p.time == tally.time && p.seq == tally.seq)
-                else {
-                    return;
-                };
-                let binding = Binding::Persistent(self.ids.persistent);
-                let data = self.key.seal(SealKind::Persisted, &binding, past.json.as_bytes());
-                info!("bevy_synq: uploading persisted data at {} ms ({} bytes)", past.time, past.json.len());
-                synq_debug!(self.config.debug, PERSIST, "elected to upload the document of {} ms", past.time);
-                self.send(ClientMessage::PersistUpload(PersistRecord { time: past.time, vote: past.vote, data }));
-                self.persist_uploads += 1;
-            }
-            return;
-        }
-        if tally.uploader == Some(self.ids.view) {
-            let Some(point) = self.recent_points.iter().find(|p| p.time == tally.time && p.seq == tally.seq) else {
-                return;
-            };
-            synq_debug!(
-                self.config.debug,
-                SNAPSHOT,
-                "elected to upload the snapshot of {} ms ({} bytes)",
-                point.time,
-                point.bytes.len()
-            );
-            let data = self.key.seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
-            let record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data };
-            self.send(ClientMessage::SnapshotUpload(record));
-        }
-    }
-
-    /// Seals and sends the view events published this frame.
-    pub(crate) fn flush(&mut self, outbox: &mut Outbox) {
-        if self.connection.is_none() || !matches!(self.phase, Phase::Running | Phase::AwaitingSync { .. }) {
-            return;
-        }
-        if outbox.pending.is_empty() {
-            return;
-        }
-        // Room for the nonce, the tag and the encoding around the plaintext.
-        let limit = synq_protocol::Limits::default().max_event_bytes - 64;
-        let too_large: Vec<usize> = outbox.pending.iter().filter(|p| p.len() > limit).map(Vec::len).collect();
-        for size in too_large {
-            let reason = format!("an event of {size} bytes exceeds the {limit}-byte limit and was dropped");
-            warn!("bevy_synq: {reason}");
-            self.problems.push(SynqProblem::Refused(reason));
-        }
-        outbox.pending.retain(|p| p.len() <= limit);
-        let interval = std::time::Duration::from_secs(1) / self.config.event_rate_limit.max(1);
-        if self.last_send.is_some_and(|at| at.elapsed() < interval) {
-            return; // wait: what is pending goes out in one bundle
-        }
-        let pending = std::mem::take(&mut outbox.pending);
-        let messages: Vec<Vec<u8>> = if pending.len() == 1 { pending } else { bundle(pending, limit) };
-        for plaintext in messages {
-            synq_debug!(
-                self.config.debug,
-                SENDS,
-                "{} ({} bytes)",
-                match u16::from_le_bytes([plaintext[0], plaintext[1]]) {
-                    0xFFFF => "a bundle of events".to_string(),
-                    index => format!("event type #{index}"),
-                },
-                plaintext.len()
-            );
-            let binding = Binding::SessionView(self.ids.session, self.ids.view);
-            let sealed = self.key.seal(SealKind::Event, &binding, &plaintext);
-            if let Some(connection) = self.connection.as_mut() {
-                connection.send(ClientMessage::Event(sealed));
-            }
-        }
-        self.last_send = Some(Instant::now());
-    }
 }
 
 /// The next reconnect delay: `min(30 s, (delay + 100 ms) * (1 + random))`, as Croquet does.
@@ -762,30 +635,4 @@ fn jittered(delay_ms: u64) -> u64 {
     use chacha20poly1305::aead::rand_core::RngCore;
     let random = f64::from(chacha20poly1305::aead::OsRng.next_u32()) / f64::from(u32::MAX);
     (((delay_ms + 100) as f64) * (1.0 + random)).min(30_000.0) as u64
-}
-
-/// Packs events into bundles of at most `limit` bytes: `[0xFF, 0xFF]` then the postcard list of
-/// the events' own plaintexts, in order.
-fn bundle(events: Vec<Vec<u8>>, limit: usize) -> Vec<Vec<u8>> {
-    let mut bundles = Vec::new();
-    let mut current: Vec<serde_bytes::ByteBuf> = Vec::new();
-    let mut size = 8;
-    let flush = |current: &mut Vec<serde_bytes::ByteBuf>, bundles: &mut Vec<Vec<u8>>| {
-        if !current.is_empty() {
-            let mut plaintext = vec![0xFF, 0xFF];
-            postcard::to_io(&*current, &mut plaintext).expect("bundles encode");
-            bundles.push(plaintext);
-            current.clear();
-        }
-    };
-    for event in events {
-        if size + event.len() + 4 > limit {
-            flush(&mut current, &mut bundles);
-            size = 8;
-        }
-        size += event.len() + 4;
-        current.push(serde_bytes::ByteBuf::from(event));
-    }
-    flush(&mut current, &mut bundles);
-    bundles
 }

@@ -11,10 +11,12 @@
 //! process over crossbeam channels (the embedded default for solo play and tests).
 #![deny(missing_docs)]
 
+mod access;
 mod core;
 pub mod inproc;
 pub mod server;
 mod session;
 pub mod storage;
 
-pub use crate::core::{AccessControl, ClientId, Output, Reflector, ReflectorConfig, TIME_MARK_MS};
+pub use crate::access::AccessControl;
+pub use crate::core::{ClientId, Output, Reflector, ReflectorConfig, TIME_MARK_MS};

@@ -1,0 +1,66 @@
+//! Tallies: divergence reports, and uploading what the reflector elected this client to upload.
+
+use bevy::prelude::*;
+use synq_protocol::crypto::{Binding, SealKind};
+use synq_protocol::ids::ViewId;
+use synq_protocol::wire::{ClientMessage, PersistRecord, SnapshotRecord, Tally, VotePurpose};
+
+use super::SynqClient;
+use crate::debug::synq_debug;
+use crate::status::DivergenceDetected;
+
+impl SynqClient {
+    pub(super) fn tally(&mut self, tally: &Tally) {
+        if tally.groups.len() > 1 {
+            let groups: Vec<Vec<ViewId>> = tally.groups.iter().map(|g| g.views.clone()).collect();
+            let described: Vec<String> = tally
+                .groups
+                .iter()
+                .map(|g| {
+                    let views: Vec<String> = g.views.iter().map(ToString::to_string).collect();
+                    format!("{}… [{}]", &synq_protocol::ids::base64url(&g.vote)[..8], views.join(", "))
+                })
+                .collect();
+            error!(
+                "bevy_synq: session {} diverged at model time {} ms (seq {}): {} groups of replicas: {}",
+                self.ids.session,
+                tally.time,
+                tally.seq,
+                tally.groups.len(),
+                described.join(" | ")
+            );
+            let in_consensus = tally.groups[0].views.contains(&self.ids.view);
+            self.divergences.push(DivergenceDetected { time: tally.time, seq: tally.seq, groups, in_consensus });
+        }
+        if tally.purpose == VotePurpose::Persist {
+            if tally.uploader == Some(self.ids.view) {
+                let Some(past) = self.recent_persists.iter().find(|p| p.time == tally.time && p.seq == tally.seq)
+                else {
+                    return;
+                };
+                let binding = Binding::Persistent(self.ids.persistent);
+                let data = self.key.seal(SealKind::Persisted, &binding, past.json.as_bytes());
+                info!("bevy_synq: uploading persisted data at {} ms ({} bytes)", past.time, past.json.len());
+                synq_debug!(self.config.debug, PERSIST, "elected to upload the document of {} ms", past.time);
+                self.send(ClientMessage::PersistUpload(PersistRecord { time: past.time, vote: past.vote, data }));
+                self.persist_uploads += 1;
+            }
+            return;
+        }
+        if tally.uploader == Some(self.ids.view) {
+            let Some(point) = self.recent_points.iter().find(|p| p.time == tally.time && p.seq == tally.seq) else {
+                return;
+            };
+            synq_debug!(
+                self.config.debug,
+                SNAPSHOT,
+                "elected to upload the snapshot of {} ms ({} bytes)",
+                point.time,
+                point.bytes.len()
+            );
+            let data = self.key.seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
+            let record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data };
+            self.send(ClientMessage::SnapshotUpload(record));
+        }
+    }
+}
