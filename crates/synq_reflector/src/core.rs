@@ -100,7 +100,6 @@ struct ClientState {
     refilled_at: u64,
 }
 
-
 /// The reflector's state machine. See the crate documentation.
 pub struct Reflector {
     config: ReflectorConfig,
