@@ -110,6 +110,8 @@ struct PastPoint {
     seq: u32,
     vote: Hash32,
     bytes: Arc<Vec<u8>>,
+    /// The names of the state's parts, in the order of the votes' part hashes.
+    part_names: Vec<String>,
 }
 
 /// The client side of a session. See the module documentation.
@@ -585,7 +587,8 @@ impl SynqClient {
             let vote = self.key.vote_digest(&request.hash);
             if self.synced {
                 let purpose = VotePurpose::Persist;
-                self.send(ClientMessage::HashVote(HashVote { purpose, time: request.time, seq: request.seq, vote }));
+                let (time, seq) = (request.time, request.seq);
+                self.send(ClientMessage::HashVote(HashVote { purpose, time, seq, vote, parts: Vec::new() }));
             }
             let (time, seq, json) = (request.time, request.seq, request.json);
             self.recent_persists.push_back(PastPersist { time, seq, vote, json });
@@ -610,9 +613,17 @@ impl SynqClient {
             let vote = self.key.vote_digest(&point.hash);
             if self.synced {
                 let purpose = VotePurpose::Snapshot;
-                self.send(ClientMessage::HashVote(HashVote { purpose, time: point.time, seq: point.seq, vote }));
+                let parts = point.parts.iter().map(|(_, hash)| self.key.vote_digest(hash)).collect();
+                self.send(ClientMessage::HashVote(HashVote { purpose, time: point.time, seq: point.seq, vote, parts }));
             }
-            self.recent_points.push_back(PastPoint { time: point.time, seq: point.seq, vote, bytes: point.bytes });
+            let part_names = point.parts.into_iter().map(|(name, _)| name).collect();
+            self.recent_points.push_back(PastPoint {
+                time: point.time,
+                seq: point.seq,
+                vote,
+                bytes: point.bytes,
+                part_names,
+            });
             if self.recent_points.len() > KEPT_POINTS {
                 self.recent_points.pop_front();
             }

@@ -85,6 +85,27 @@ fn encode_err(what: &str) -> impl FnOnce(postcard::Error) -> SnapshotError + '_ 
 
 /// Encodes the whole model world canonically.
 pub(crate) fn capture(world: &mut World, registry: &ModelRegistry) -> Result<Vec<u8>, SnapshotError> {
+    capture_impl(world, registry, false).map(|(bytes, _)| bytes)
+}
+
+/// A named part of the model state and its hash: the runtime's own state, each registered
+/// resource, the set of entity ids, each registered component type. Replicas that diverge
+/// compare parts to say *what* differs.
+pub type StatePart = (String, Hash32);
+
+/// Encodes the whole model world canonically, and hashes each part of it separately.
+pub(crate) fn capture_with_parts(
+    world: &mut World,
+    registry: &ModelRegistry,
+) -> Result<(Vec<u8>, Vec<StatePart>), SnapshotError> {
+    capture_impl(world, registry, true)
+}
+
+fn capture_impl(
+    world: &mut World,
+    registry: &ModelRegistry,
+    with_parts: bool,
+) -> Result<(Vec<u8>, Vec<StatePart>), SnapshotError> {
     let mut entities: Vec<(ModelId, Entity)> = {
         let mut query = world.query::<(Entity, &ModelId)>();
         query.iter(world).map(|(entity, id)| (*id, entity)).collect()
@@ -105,7 +126,12 @@ pub(crate) fn capture(world: &mut World, registry: &ModelRegistry) -> Result<Vec
         book: world.resource::<SnapshotBook>().clone(),
         persist: world.resource::<PersistState>().clone(),
     };
+    let mut parts: Vec<StatePart> = Vec::new();
+    let state_at = out.len();
     postcard::to_io(&state, &mut out).map_err(encode_err("the runtime state"))?;
+    if with_parts {
+        parts.push(("runtime state (time, RNG, timers, views, ids)".into(), Sha256::digest(&out[state_at..]).into()));
+    }
 
     for entry in &registry.resources {
         let at = out.len();
@@ -113,22 +139,41 @@ pub(crate) fn capture(world: &mut World, registry: &ModelRegistry) -> Result<Vec
         if (entry.encode)(world, &mut out).map_err(encode_err(entry.name))? {
             out[at] = 1;
         }
+        if with_parts {
+            parts.push((format!("resource {}", entry.name), Sha256::digest(&out[at..]).into()));
+        }
     }
 
+    let mut id_hasher = Sha256::new();
+    let mut component_hashers: Vec<Sha256> = registry.components.iter().map(|_| Sha256::new()).collect();
     postcard::to_io(&(entities.len() as u64), &mut out).map_err(encode_err("the entity count"))?;
     let mask_len = registry.components.len().div_ceil(8);
     for (id, entity) in entities {
         let entity = world.entity(entity);
         postcard::to_io(&id.0, &mut out).map_err(encode_err("a model id"))?;
+        if with_parts {
+            id_hasher.update(id.0.to_le_bytes());
+        }
         let mask_at = out.len();
         out.resize(mask_at + mask_len, 0);
         for (i, entry) in registry.components.iter().enumerate() {
+            let value_at = out.len();
             if (entry.encode)(&entity, &mut out).map_err(encode_err(entry.name))? {
                 out[mask_at + i / 8] |= 1 << (i % 8);
+                if with_parts {
+                    component_hashers[i].update(id.0.to_le_bytes());
+                    component_hashers[i].update(&out[value_at..]);
+                }
             }
         }
     }
-    Ok(out)
+    if with_parts {
+        parts.push(("entity ids".into(), id_hasher.finalize().into()));
+        for (entry, hasher) in registry.components.iter().zip(component_hashers) {
+            parts.push((format!("component {}", entry.name), hasher.finalize().into()));
+        }
+    }
+    Ok((out, parts))
 }
 
 fn decode_err(what: &str) -> impl FnOnce(postcard::Error) -> SnapshotError + '_ {

@@ -43,6 +43,9 @@ pub struct DivergenceDetected {
     pub groups: Vec<Vec<ViewId>>,
     /// Whether this replica is in the consensus group.
     pub in_consensus: bool,
+    /// The parts of the model state that differ between the consensus and the other groups, e.g.
+    /// `component my_game::Position` or `resource my_game::Score`: where to start looking.
+    pub differing: Vec<String>,
 }
 
 /// Something went wrong that the app may want to show or act on.

@@ -6,7 +6,8 @@
 //! publishing events with [`Publish`], which travel through the reflector to every replica.
 
 use bevy::ecs::query::{QueryData, QueryFilter, QueryState, ReadOnlyQueryData};
-use bevy::ecs::system::SystemParam;
+use bevy::ecs::system::{Deferred, SystemBuffer, SystemMeta, SystemParam};
+use bevy::ecs::world::DeferredWorld;
 use bevy::ecs::world::WorldId;
 use bevy::prelude::*;
 use serde::Serialize;
@@ -153,16 +154,47 @@ impl<D: ReadOnlyQueryData + 'static, F: QueryFilter + 'static> ModelQuery<'_, '_
 /// The event is sealed with the session key, stamped by the reflector and triggered as
 /// [`FromView<T>`](crate::FromView) in the model world of every replica at the same model time.
 /// Register `T` in the model with
-/// [`ModelApp::add_view_event`](crate::ModelApp::add_view_event).
+/// [`ModelApp::add_view_event`](crate::ModelApp::add_view_event). A system may publish several
+/// event types (each `Publish<T>` buffers its own events until the system's commands apply).
 #[derive(SystemParam)]
-pub struct Publish<'w, T: Serialize + Send + Sync + 'static> {
-    outbox: ResMut<'w, Outbox>,
-    marker: PhantomData<fn(T)>,
+pub struct Publish<'s, T: Serialize + Send + Sync + 'static> {
+    buffer: Deferred<'s, PublishBuffer<T>>,
 }
 
 impl<T: Serialize + Send + Sync + 'static> Publish<'_, T> {
     /// Publishes an event to the model.
     pub fn send(&mut self, event: T) {
-        self.outbox.push(&event);
+        self.buffer.events.push(event);
+    }
+}
+
+/// The events one `Publish<T>` parameter collected, moved to the [`Outbox`] when the system's
+/// deferred work is applied.
+pub struct PublishBuffer<T> {
+    events: Vec<T>,
+}
+
+impl<T> Default for PublishBuffer<T> {
+    fn default() -> Self {
+        Self { events: Vec::new() }
+    }
+}
+
+impl<T: Serialize + Send + Sync + 'static> SystemBuffer for PublishBuffer<T> {
+    fn queue(&mut self, _system_meta: &SystemMeta, mut world: DeferredWorld) {
+        if self.events.is_empty() {
+            return;
+        }
+        match world.get_resource_mut::<Outbox>() {
+            Some(mut outbox) => {
+                for event in self.events.drain(..) {
+                    outbox.push(&event);
+                }
+            }
+            None => {
+                error!("bevy_synq: events published without a SynqPlugin; dropped");
+                self.events.clear();
+            }
+        }
     }
 }

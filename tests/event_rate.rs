@@ -85,3 +85,21 @@ fn an_event_too_large_for_the_wire_is_refused_with_a_reason() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn one_system_may_publish_several_event_types() {
+    let mut h = Harness::new(test_session("two-types"), Box::new(|| Box::new(model)));
+    let a = h.add_client(|_| {});
+    h.run_rounds(5, 100);
+    h.apps[a]
+        .world_mut()
+        .run_system_once(|mut ticks: Publish<Tick>, mut blobs: Publish<Blob>| {
+            ticks.send(Tick(7));
+            blobs.send(Blob(vec![1, 2, 3]));
+            ticks.send(Tick(8));
+        })
+        .unwrap();
+    h.run_rounds(5, 100);
+    let log = common::process::model_resource::<Log>(&h.apps[a]).unwrap();
+    assert_eq!(log.0.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![7, 8]);
+}

@@ -58,6 +58,8 @@ fn state_outside_the_snapshot_is_detected_as_divergence() {
         "the late joiner should be outside the consensus: {divergence:?}"
     );
     assert!(h.apps.iter().any(|app| !app.world().resource::<common::Divergences>().0.is_empty()));
+    // It names what differs: the counter the smuggled state is written into, nothing else.
+    assert_eq!(divergence.differing, vec![format!("component {}", std::any::type_name::<Counter>())], "{divergence:?}");
 }
 
 #[derive(Component)]

@@ -21,16 +21,40 @@ impl SynqClient {
                     format!("{}… [{}]", &synq_protocol::ids::base64url(&g.vote)[..8], views.join(", "))
                 })
                 .collect();
+            // Name what differs: compare each dissenting group's part hashes with the consensus'.
+            let names = self
+                .recent_points
+                .iter()
+                .find(|p| p.time == tally.time && p.seq == tally.seq)
+                .map(|p| p.part_names.clone())
+                .unwrap_or_default();
+            let consensus = &tally.groups[0];
+            let mut differing: Vec<String> = Vec::new();
+            for group in &tally.groups[1..] {
+                for (i, (ours, theirs)) in consensus.parts.iter().zip(&group.parts).enumerate() {
+                    let name = names.get(i).cloned().unwrap_or_else(|| format!("part #{i}"));
+                    if ours != theirs && !differing.contains(&name) {
+                        differing.push(name);
+                    }
+                }
+            }
             error!(
-                "bevy_synq: session {} diverged at model time {} ms (seq {}): {} groups of replicas: {}",
+                "bevy_synq: session {} diverged at model time {} ms (seq {}): {} groups of replicas: {}; what differs from the consensus: {}",
                 self.ids.session,
                 tally.time,
                 tally.seq,
                 tally.groups.len(),
-                described.join(" | ")
+                described.join(" | "),
+                if differing.is_empty() { "unknown".to_string() } else { differing.join(", ") }
             );
-            let in_consensus = tally.groups[0].views.contains(&self.ids.view);
-            self.divergences.push(DivergenceDetected { time: tally.time, seq: tally.seq, groups, in_consensus });
+            let in_consensus = consensus.views.contains(&self.ids.view);
+            self.divergences.push(DivergenceDetected {
+                time: tally.time,
+                seq: tally.seq,
+                groups,
+                in_consensus,
+                differing,
+            });
         }
         if tally.purpose == VotePurpose::Persist {
             if tally.uploader == Some(self.ids.view) {

@@ -94,6 +94,8 @@ pub struct SnapshotPoint {
     pub hash: Hash32,
     /// The canonical snapshot.
     pub bytes: Arc<Vec<u8>>,
+    /// The hash of each part of the state (see [`snapshot::StatePart`]).
+    pub parts: Vec<snapshot::StatePart>,
 }
 
 /// Something in the model that the app should hear about; the same on every replica.
@@ -492,8 +494,8 @@ impl ModelRuntime {
             book.requested = false;
         }
         self.check_untracked_state();
-        let bytes = match self.capture() {
-            Ok(bytes) => bytes,
+        let (bytes, parts) = match snapshot::capture_with_parts(&mut self.world, &self.registry) {
+            Ok(captured) => captured,
             Err(error) => {
                 self.problems.push(ModelProblem::SnapshotFailed(error.to_string()));
                 return;
@@ -516,7 +518,7 @@ impl ModelRuntime {
             }
         }
         let seq = self.last_seq();
-        self.points.push(SnapshotPoint { time: now, seq, hash, bytes: Arc::new(bytes) });
+        self.points.push(SnapshotPoint { time: now, seq, hash, bytes: Arc::new(bytes), parts });
     }
 
     /// Reports model state that the snapshot cannot carry (once per kind).

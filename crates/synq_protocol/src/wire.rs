@@ -79,6 +79,10 @@ pub struct HashVote {
     /// A keyed hash of the model state (see [`crate::crypto::SessionKey::vote_digest`]): equal
     /// states give equal votes, and the reflector learns nothing else.
     pub vote: Hash32,
+    /// Keyed hashes of the parts of the state (runtime state, each resource, the entity ids, each
+    /// component type), in an order every replica of the session shares: replicas that diverge
+    /// compare them to name what differs. Empty for persist votes.
+    pub parts: Vec<Hash32>,
 }
 
 /// A sealed snapshot at a snapshot point.
@@ -222,6 +226,8 @@ pub struct Tally {
 pub struct VoteGroup {
     /// The shared vote.
     pub vote: Hash32,
+    /// The part hashes of the group's first voter (see [`HashVote::parts`]).
+    pub parts: Vec<Hash32>,
     /// Who voted it, sorted.
     pub views: Vec<ViewId>,
 }

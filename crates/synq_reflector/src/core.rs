@@ -361,10 +361,10 @@ impl Reflector {
                 }
             }
         }
-        let persisted = self.persisted_for(&join.persistent_id);
+        let latest_persisted_vote = self.persisted_for(&join.persistent_id).map(|p| p.vote);
         let session = self.sessions.get_mut(&join.session_id).expect("opened above");
         if session.persisted_vote.is_none() {
-            session.persisted_vote = persisted.as_ref().map(|p| p.vote);
+            session.persisted_vote = latest_persisted_vote;
         }
         if session.has_view(join.view_id) {
             let msg = format!("view {} is already connected to this session", join.view_id);
@@ -393,7 +393,12 @@ impl Reflector {
             }
             None => match &session.snapshot {
                 Some(snapshot) => (SyncStart::Snapshot(snapshot.clone()), session.events.iter().cloned().collect()),
-                None => (SyncStart::Fresh { persisted }, session.events.iter().cloned().collect()),
+                None => {
+                    // Every fresh start of a session — the first client's and a late joiner's
+                    // replay from the beginning — gets the data the session started from.
+                    let persisted = session.initial_persisted.clone();
+                    (SyncStart::Fresh { persisted }, session.events.iter().cloned().collect())
+                }
             },
         };
         let sync = Sync {
@@ -448,6 +453,7 @@ impl Reflector {
             last_broadcast: now,
             last_mark: 0,
             password_check: join.password_check.clone(),
+            initial_persisted: None,
             snapshot: None,
             events: VecDeque::new(),
             clients: Vec::new(),
@@ -469,6 +475,7 @@ impl Reflector {
                 session.persistent_id = stored.meta.persistent_id;
                 session.tick_ms = stored.meta.tick_ms;
                 session.password_check = stored.meta.password_check;
+                session.initial_persisted = stored.meta.initial_persisted;
                 session.seq = match (stored.events.last(), &stored.snapshot) {
                     (Some(event), _) => event.seq,
                     (None, Some(snapshot)) => snapshot.seq,
@@ -482,11 +489,13 @@ impl Reflector {
                 tracing::info!(session = %join.session_id, time, events = session.events.len(), "session resumed from storage");
             }
             None => {
+                session.initial_persisted = self.persisted_for(&join.persistent_id);
                 if let Some(storage) = self.storage.as_mut() {
                     let meta = SessionMeta {
                         persistent_id: join.persistent_id,
                         tick_ms,
                         password_check: join.password_check.clone(),
+                        initial_persisted: session.initial_persisted.clone(),
                     };
                     storage.create_session(&join.session_id, &meta)?;
                 }
@@ -551,10 +560,10 @@ impl Reflector {
         let key = (vote.purpose, vote.time, vote.seq);
         let tally =
             session.tallies.entry(key).or_insert_with(|| TallyState { votes: Vec::new(), deadline: now + window });
-        if tally.votes.iter().any(|(v, _)| *v == view) {
+        if tally.votes.iter().any(|(v, _, _)| *v == view) {
             return;
         }
-        tally.votes.push((view, vote.vote));
+        tally.votes.push((view, vote.vote, vote.parts));
         if tally.votes.len() >= session.clients.len() {
             close_tally(session, key, &mut self.outputs);
         }
@@ -684,10 +693,10 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
     let Some(tally) = session.tallies.remove(&key) else { return };
     let (purpose, time, seq) = key;
     let mut groups: Vec<VoteGroup> = Vec::new();
-    for (view, vote) in &tally.votes {
+    for (view, vote, parts) in &tally.votes {
         match groups.iter_mut().find(|g| g.vote == *vote) {
             Some(group) => group.views.push(*view),
-            None => groups.push(VoteGroup { vote: *vote, views: vec![*view] }),
+            None => groups.push(VoteGroup { vote: *vote, parts: parts.clone(), views: vec![*view] }),
         }
     }
     for group in &mut groups {
@@ -703,7 +712,7 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
     };
     // The first voter of the consensus group uploads: it answered fastest.
     let uploader = match groups.first() {
-        Some(consensus) if wanted => tally.votes.iter().map(|(v, _)| *v).find(|v| consensus.views.contains(v)),
+        Some(consensus) if wanted => tally.votes.iter().map(|(v, _, _)| *v).find(|v| consensus.views.contains(v)),
         _ => None,
     };
     if let (Some(uploader), Some(consensus)) = (uploader, groups.first()) {

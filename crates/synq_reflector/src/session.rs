@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use synq_protocol::crypto::Sealed;
 use synq_protocol::ids::{Hash32, PersistentId, SessionId, ViewId};
-use synq_protocol::wire::{SessionTime, SnapshotRecord, StampedEvent, VotePurpose};
+use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent, VotePurpose};
 
 use crate::core::ClientId;
 
@@ -17,7 +17,7 @@ pub(crate) struct UsersBatch {
 
 /// Votes collected for one snapshot point.
 pub(crate) struct TallyState {
-    pub votes: Vec<(ViewId, Hash32)>,
+    pub votes: Vec<(ViewId, Hash32, Vec<Hash32>)>,
     pub deadline: u64,
 }
 
@@ -46,6 +46,8 @@ pub(crate) struct Session {
     /// Session time last recorded in storage.
     pub last_mark: SessionTime,
     pub password_check: Sealed,
+    /// The persisted data this session started from: every fresh start gets this one.
+    pub initial_persisted: Option<PersistRecord>,
     pub snapshot: Option<SnapshotRecord>,
     /// Every event after the snapshot (or since the session started), in order.
     pub events: VecDeque<StampedEvent>,

@@ -52,6 +52,9 @@ pub struct SessionMeta {
     pub tick_ms: u32,
     /// The first client's password check token.
     pub password_check: Sealed,
+    /// The persisted data the session started from (what every fresh start of it must get, even
+    /// after newer data was persisted).
+    pub initial_persisted: Option<PersistRecord>,
 }
 
 /// A session as loaded from storage.
@@ -405,7 +408,12 @@ mod tests {
     const S: SessionId = SessionId([4; 32]);
 
     fn meta() -> SessionMeta {
-        SessionMeta { persistent_id: PersistentId([5; 32]), tick_ms: 50, password_check: sealed(1) }
+        SessionMeta {
+            persistent_id: PersistentId([5; 32]),
+            tick_ms: 50,
+            password_check: sealed(1),
+            initial_persisted: None,
+        }
     }
 
     #[test]

@@ -331,6 +331,7 @@ fn multi_megabyte_frames_cross_in_both_directions() {
         time: 0,
         seq: synq_protocol::INITIAL_SEQ,
         vote: [9; 32],
+        parts: vec![],
     };
     uploader.send(&ClientMessage::HashVote(vote));
     uploader.wait_for("Tally", |m| matches!(m, ServerMessage::Tally(t) if t.uploader.is_some()).then_some(()));

@@ -307,7 +307,7 @@ impl LoadClient {
                     record(shared, &payload.ciphertext, received_ns);
                 }
                 ServerMessage::Event(StampedEvent { time, seq, body: EventBody::SnapshotRequest }) => {
-                    let vote = HashVote { purpose: VotePurpose::Snapshot, time, seq, vote: [0; 32] };
+                    let vote = HashVote { purpose: VotePurpose::Snapshot, time, seq, vote: [0; 32], parts: vec![] };
                     self.send(&ClientMessage::HashVote(vote));
                 }
                 ServerMessage::Tally(tally)

@@ -127,7 +127,7 @@ fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
     }
     let covered = INITIAL_SEQ.wrapping_add(4);
     sent(&mut r);
-    let vote = HashVote { purpose: VotePurpose::Snapshot, time: 400, seq: covered, vote: [9; 32] };
+    let vote = HashVote { purpose: VotePurpose::Snapshot, time: 400, seq: covered, vote: [9; 32], parts: vec![] };
     r.handle(401, 2, ClientMessage::HashVote(vote.clone()));
     r.handle(402, 1, ClientMessage::HashVote(vote));
     let out = sent(&mut r);
@@ -163,17 +163,35 @@ fn divergent_votes_are_grouped_consensus_first() {
     r.handle(
         10,
         1,
-        ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [1; 32] }),
+        ClientMessage::HashVote(HashVote {
+            purpose: VotePurpose::Snapshot,
+            time: 5,
+            seq: 1,
+            vote: [1; 32],
+            parts: vec![],
+        }),
     );
     r.handle(
         10,
         2,
-        ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [2; 32] }),
+        ClientMessage::HashVote(HashVote {
+            purpose: VotePurpose::Snapshot,
+            time: 5,
+            seq: 1,
+            vote: [2; 32],
+            parts: vec![],
+        }),
     );
     r.handle(
         10,
         3,
-        ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [2; 32] }),
+        ClientMessage::HashVote(HashVote {
+            purpose: VotePurpose::Snapshot,
+            time: 5,
+            seq: 1,
+            vote: [2; 32],
+            parts: vec![],
+        }),
     );
     let tally = sent(&mut r)
         .into_iter()
@@ -196,7 +214,13 @@ fn a_tally_closes_after_its_window_without_every_vote() {
     r.handle(
         10,
         1,
-        ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 5, seq: 1, vote: [1; 32] }),
+        ClientMessage::HashVote(HashVote {
+            purpose: VotePurpose::Snapshot,
+            time: 5,
+            seq: 1,
+            vote: [1; 32],
+            parts: vec![],
+        }),
     );
     r.poll(500);
     assert!(!sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tally(_))));
@@ -328,4 +352,59 @@ fn events_beyond_the_rate_limit_are_refused_with_a_reason() {
     // A second later the bucket is full again.
     r.handle(1100, 1, ClientMessage::Event(sealed(8)));
     assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Event(_))));
+}
+
+#[test]
+fn every_fresh_start_of_a_session_gets_the_persisted_data_it_started_with() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    // Data persisted by an earlier session of the same persistent id.
+    joined(&mut r, 0, 1, 10);
+    let old = PersistRecord { time: 0, vote: [1; 32], data: sealed(10) };
+    r.handle(
+        0,
+        1,
+        ClientMessage::HashVote(HashVote {
+            purpose: VotePurpose::Persist,
+            time: 0,
+            seq: INITIAL_SEQ,
+            vote: [1; 32],
+            parts: vec![],
+        }),
+    );
+    r.handle(0, 1, ClientMessage::PersistUpload(old.clone()));
+    assert_eq!(r.persisted(&PersistentId([2; 32])), Some(&old));
+    // A new session (other code) of the same persistent id starts from it...
+    let ClientMessage::Join(mut new_code) = join(20) else { unreachable!() };
+    new_code.session_id = SessionId([3; 32]);
+    r.connect(10, 2);
+    r.handle(10, 2, ClientMessage::Join(new_code.clone()));
+    let first = sent(&mut r);
+    assert!(first.iter().any(|(c, m)| *c == 2
+        && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()) })));
+    // ...then persists newer data before any snapshot exists.
+    let newer = PersistRecord { time: 5, vote: [2; 32], data: sealed(11) };
+    r.handle(
+        20,
+        2,
+        ClientMessage::HashVote(HashVote {
+            purpose: VotePurpose::Persist,
+            time: 5,
+            seq: INITIAL_SEQ,
+            vote: [2; 32],
+            parts: vec![],
+        }),
+    );
+    r.handle(20, 2, ClientMessage::PersistUpload(newer.clone()));
+    assert_eq!(r.persisted(&PersistentId([2; 32])), Some(&newer));
+    // A late joiner replays the session from its start: it must get the data the session
+    // started from, not the newer one, or its init would differ.
+    new_code.view_id = ViewId(30);
+    r.connect(30, 3);
+    r.handle(30, 3, ClientMessage::Join(new_code));
+    let late = sent(&mut r);
+    assert!(
+        late.iter().any(|(c, m)| *c == 3
+            && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()) })),
+        "{late:?}"
+    );
 }
