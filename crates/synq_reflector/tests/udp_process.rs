@@ -345,7 +345,10 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     let start = Instant::now();
     let mut joiner = RawClient::connect(reflector.addr, 31);
     joiner.timeout = Duration::from_secs(60);
-    joiner.send(&join(31));
+    // A new session of the same persistent id (new model code) starts from the persisted data.
+    let ClientMessage::Join(mut new_version) = join(31) else { unreachable!() };
+    new_version.session_id = SessionId([9; 32]);
+    joiner.send(&ClientMessage::Join(new_version));
     let persisted = joiner.wait_for("Sync", |m| match m {
         ServerMessage::Sync(sync) => match &sync.start {
             SyncStart::Fresh { persisted } => Some(persisted.clone()),
