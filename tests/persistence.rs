@@ -370,3 +370,53 @@ fn persisted_data_can_be_exported_and_imported_with_the_password() {
     assert_eq!(board.table, BTreeMap::from([("ada".to_string(), 120), ("zed".to_string(), 7)]));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---- A diverged replica never overwrites the consensus ----
+
+#[derive(Resource)]
+struct Skew(u32);
+
+/// Persists a document that depends on process-local state: the replica built with a skew
+/// disagrees with the others.
+fn skewed_model(skew: u32) -> impl Fn(&mut ModelApp) + Send + Sync {
+    move |model: &mut ModelApp| {
+        model
+            .init_resource::<Counter>()
+            .add_view_event::<Command>()
+            .add_persistence(Migrations::<u32>::new(1))
+            .add_observer(|_: On<FromView<Command>>, skew: Res<Skew>, mut persist: PersistSession| {
+                persist.persist(&(42 + skew.0)).expect("persists");
+            });
+        model.world_mut().insert_resource(Skew(skew));
+    }
+}
+
+#[test]
+fn a_diverged_replica_never_overwrites_the_consensus_data() {
+    let built = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let factory = {
+        let built = built.clone();
+        Box::new(move || -> Box<dyn Fn(&mut ModelApp) + Send + Sync> {
+            // One ModelPlugin per replica: the third one is skewed.
+            let n = built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::new(skewed_model(if n == 2 { 1000 } else { 0 }))
+        })
+    };
+    let mut h = Harness::new(test_session("dissident"), factory);
+    for _ in 0..3 {
+        h.add_client(|_| {});
+    }
+    h.run_rounds(10, 100);
+    // The dissident is the one that asks: it would be the first to vote, and still must not win.
+    send(&mut h, 2, Command::Again);
+    h.run_rounds(30, 100);
+    let uploads: Vec<u32> = (0..3).map(|i| h.client(i).persist_uploads()).collect();
+    assert_eq!(uploads.iter().sum::<u32>(), 1, "{uploads:?}");
+    assert_eq!(uploads[2], 0, "the diverged replica uploaded");
+    let ids = h.client(0).ids();
+    let record = h.reflector.core().persisted(&ids.persistent).expect("stored").clone();
+    let key = SessionKey::derive("correct horse", &ids.persistent, KdfParams::INSECURE_FAST).unwrap();
+    let json = key.open(SealKind::Persisted, &Binding::Persistent(ids.persistent), &record.data).unwrap();
+    assert_eq!(String::from_utf8(json).unwrap(), r#"{"data":42,"version":1}"#);
+    assert!(!h.divergences(0).is_empty(), "the disagreement was not reported");
+}
