@@ -63,6 +63,10 @@ struct Args {
     /// any, every app is admitted.
     #[arg(long = "api-key", value_name = "APP_ID=KEY", value_parser = parse_api_key)]
     api_keys: Vec<(String, String)>,
+    /// Queued frames are flushed at most every this many µs (several then share a datagram per
+    /// connection); 0 flushes at once.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=20_000))]
+    frame_flush_us: u64,
     /// Most events one client may send per second; more are refused.
     #[arg(long, default_value_t = 60)]
     max_events_per_second: u32,
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
             ..ReflectorConfig::default()
         },
         data_dir: Some(args.data_dir.clone()),
+        frame_flush: Duration::from_micros(args.frame_flush_us),
     };
     let mut reflector = match UdpReflector::bind(config) {
         Ok(reflector) => reflector,

@@ -104,6 +104,9 @@ pub struct UdpReflectorConfig {
     pub reflector: ReflectorConfig,
     /// Where sessions and persisted data are kept across restarts; in memory only when `None`.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Queued frames are flushed to the socket at most this often, so that at high rates several
+    /// share a datagram per connection; zero flushes at once (lowest latency, most datagrams).
+    pub frame_flush: Duration,
 }
 
 impl Default for UdpReflectorConfig {
@@ -115,6 +118,7 @@ impl Default for UdpReflectorConfig {
             idle_sleep: Duration::from_millis(1),
             reflector: ReflectorConfig::default(),
             data_dir: None,
+            frame_flush: FRAME_FLUSH,
         }
     }
 }
@@ -158,6 +162,7 @@ pub struct UdpReflector {
     /// When packets were last flushed to the socket, and whether frames were queued since.
     last_flush: Instant,
     frames_queued: bool,
+    frame_flush: Duration,
     /// renet (netcode) client id → the core's id for that connection. Core ids are never reused,
     /// so a client that reconnects with the same netcode id is a new connection to the core.
     by_renet: HashMap<u64, ClientId>,
@@ -170,6 +175,10 @@ pub struct UdpReflector {
 
 /// How often acks are flushed when nothing else is sent.
 const ACK_FLUSH: Duration = Duration::from_millis(5);
+
+/// Frames are flushed at most this often by default: at high rates several frames then share a
+/// datagram per connection instead of each costing one (renet packs queued messages into packets).
+pub const FRAME_FLUSH: Duration = Duration::from_micros(1000);
 
 /// Socket buffer size asked for: the default (≈ 208 KiB) holds only a few milliseconds of traffic
 /// at high rates, and a scheduling gap then drops datagrams (each costing a renet resend).
@@ -241,6 +250,7 @@ impl UdpReflector {
             last_update: now,
             last_flush: now,
             frames_queued: false,
+            frame_flush: config.frame_flush,
             by_renet: HashMap::new(),
             by_core: HashMap::new(),
             next_client: 1,
@@ -291,7 +301,8 @@ impl UdpReflector {
         // Flush at once when there is something to deliver; otherwise only every ACK_FLUSH, so
         // that busy sockets do not turn into a storm of ack-only datagrams (renet writes a packet
         // to every connection with pending acks on each flush).
-        if self.frames_queued || now.saturating_duration_since(self.last_flush) >= ACK_FLUSH {
+        let since = now.saturating_duration_since(self.last_flush);
+        if (self.frames_queued && since >= self.frame_flush) || since >= ACK_FLUSH {
             self.transport.send_packets(&mut self.server);
             self.last_flush = now;
             self.frames_queued = false;
