@@ -37,9 +37,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetServer, SendType, ServerEvent};
-use renet_netcode::{NetcodeServerTransport, ServerAuthentication, ServerConfig};
+use renet_netcode::{ServerAuthentication, ServerConfig};
+
+mod transport;
 use synq_protocol::codec::{self, DecodeError};
 use synq_protocol::wire::{ErrorCode, ErrorMessage, ServerMessage};
+use transport::Transport;
 
 use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
 use crate::storage::{DiskStorage, StorageError};
@@ -149,7 +152,7 @@ pub enum ServerError {
 pub struct UdpReflector {
     core: Reflector,
     server: RenetServer,
-    transport: NetcodeServerTransport,
+    transport: Transport,
     local_addr: SocketAddr,
     idle_sleep: Duration,
     /// Waits for the socket to become readable (the transport owns the socket itself).
@@ -161,7 +164,10 @@ pub struct UdpReflector {
     last_update: Instant,
     /// When packets were last flushed to the socket, and whether frames were queued since.
     last_flush: Instant,
-    frames_queued: bool,
+    last_ack_flush: Instant,
+    last_maintain: Instant,
+    /// Connections with frames queued since the last flush.
+    dirty: std::collections::HashSet<u64>,
     frame_flush: Duration,
     /// renet (netcode) client id → the core's id for that connection. Core ids are never reused,
     /// so a client that reconnects with the same netcode id is a new connection to the core.
@@ -174,7 +180,10 @@ pub struct UdpReflector {
 }
 
 /// How often acks are flushed when nothing else is sent.
-const ACK_FLUSH: Duration = Duration::from_millis(5);
+const ACK_FLUSH: Duration = Duration::from_millis(20);
+
+/// netcode's per-connection upkeep (keep-alives, timeouts) runs this often.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(5);
 
 /// Frames are flushed at most this often by default: at high rates several frames then share a
 /// datagram per connection instead of each costing one (renet packs queued messages into packets).
@@ -231,7 +240,7 @@ impl UdpReflector {
             // Unsecure: no connect tokens, no transport encryption (payloads are sealed end to end).
             authentication: ServerAuthentication::Unsecure,
         };
-        let transport = NetcodeServerTransport::new(netcode, socket).map_err(bind_error)?;
+        let transport = Transport::new(netcode, socket).map_err(bind_error)?;
         let core = match &config.data_dir {
             Some(dir) => Reflector::with_storage(config.reflector, Box::new(DiskStorage::open(dir)?)),
             None => Reflector::new(config.reflector),
@@ -249,7 +258,9 @@ impl UdpReflector {
             epoch: now,
             last_update: now,
             last_flush: now,
-            frames_queued: false,
+            last_ack_flush: now,
+            last_maintain: now,
+            dirty: Default::default(),
             frame_flush: config.frame_flush,
             by_renet: HashMap::new(),
             by_core: HashMap::new(),
@@ -291,7 +302,12 @@ impl UdpReflector {
         let dt = now.saturating_duration_since(self.last_update);
         self.last_update = self.last_update.max(now);
         self.server.update(dt);
-        let received = self.transport.update(dt, &mut self.server).map_err(|e| ServerError::Transport(e.to_string()));
+        let maintain = now.saturating_duration_since(self.last_maintain) >= MAINTAIN_EVERY;
+        if maintain {
+            self.last_maintain = now;
+        }
+        let received =
+            self.transport.update(dt, &mut self.server, maintain).map_err(|e| ServerError::Transport(e.to_string()));
         let t = self.millis(now);
         self.handle_events(t);
         self.receive(t, now);
@@ -301,11 +317,14 @@ impl UdpReflector {
         // Flush at once when there is something to deliver; otherwise only every ACK_FLUSH, so
         // that busy sockets do not turn into a storm of ack-only datagrams (renet writes a packet
         // to every connection with pending acks on each flush).
-        let since = now.saturating_duration_since(self.last_flush);
-        if (self.frames_queued && since >= self.frame_flush) || since >= ACK_FLUSH {
-            self.transport.send_packets(&mut self.server);
+        if !self.dirty.is_empty() && now.saturating_duration_since(self.last_flush) >= self.frame_flush {
+            let dirty: Vec<u64> = self.dirty.drain().collect();
+            self.transport.flush(&mut self.server, dirty);
             self.last_flush = now;
-            self.frames_queued = false;
+        }
+        if now.saturating_duration_since(self.last_ack_flush) >= ACK_FLUSH {
+            self.transport.flush_all(&mut self.server);
+            self.last_ack_flush = now;
         }
         received
     }
@@ -333,18 +352,18 @@ impl UdpReflector {
         if let Err(error) = self.core.flush_storage(t) {
             tracing::error!(%error, "could not flush storage on shutdown");
         }
-        self.transport.send_packets(&mut self.server);
+        self.transport.flush_all(&mut self.server);
         while start.elapsed() < grace && clients.iter().any(|c| !self.acknowledged(*c)) {
             std::thread::sleep(Duration::from_millis(1));
             let now = Instant::now();
             let dt = now.saturating_duration_since(self.last_update);
             self.last_update = now;
             self.server.update(dt);
-            let _ = self.transport.update(dt, &mut self.server);
+            let _ = self.transport.update(dt, &mut self.server, true);
             for renet in self.server.clients_id() {
                 while self.server.receive_message(renet, CHANNEL).is_some() {}
             }
-            self.transport.send_packets(&mut self.server);
+            self.transport.flush_all(&mut self.server);
         }
         self.transport.disconnect_all(&mut self.server);
         self.by_renet.clear();
@@ -484,7 +503,7 @@ impl UdpReflector {
             return;
         }
         self.server.send_message(renet, CHANNEL, frame);
-        self.frames_queued = true;
+        self.dirty.insert(renet);
     }
 
     /// Sends `reason`, stops handling the client, and disconnects it once the error was
