@@ -205,7 +205,8 @@ impl SynqClient {
         self.synced
     }
 
-    /// The state hashes of the snapshot points this replica passed, oldest first (the last 4096).
+    /// The state hashes of the snapshot points this replica passed, oldest first (at least the
+    /// last 4096).
     pub fn hash_history(&self) -> &[HashRecord] {
         &self.history
     }
@@ -607,8 +608,9 @@ impl SynqClient {
                 synq_protocol::ids::base64url(&point.hash[..12])
             );
             self.history.push(HashRecord { time: point.time, seq: point.seq, hash: point.hash });
-            if self.history.len() > KEPT_HISTORY {
-                self.history.remove(0);
+            if self.history.len() >= 2 * KEPT_HISTORY {
+                // Trim in bulk: one shift per KEPT_HISTORY points, not one per point.
+                self.history.drain(..KEPT_HISTORY);
             }
             let vote = self.key.vote_digest(&point.hash);
             if self.synced {

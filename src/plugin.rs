@@ -88,9 +88,17 @@ fn random_view_id() -> ViewId {
 /// Computes the code hash of a model: its registrations in order and the source text fed in
 /// (see [`SessionConfig::with_model_source`]).
 pub fn model_code_hash(model: &dyn ModelPlugin, session: &SessionConfig) -> CodeHash {
-    let probe = ModelApp::build(WorldSettings { step_ms: session.step_ms, seed: [0; 32] }, model);
+    code_hash_of(&probe(model, session).registry.signature, session)
+}
+
+/// Builds the model once, to read what it registers.
+fn probe(model: &dyn ModelPlugin, session: &SessionConfig) -> ModelApp {
+    ModelApp::build(WorldSettings { step_ms: session.step_ms, seed: [0; 32] }, model)
+}
+
+fn code_hash_of(signature: &[(&'static str, &'static str)], session: &SessionConfig) -> CodeHash {
     let mut hasher = CodeHasher::new();
-    for (kind, name) in &probe.registry.signature {
+    for (kind, name) in signature {
         hasher.registered(kind, name);
     }
     for (name, text) in &session.model_sources {
@@ -118,6 +126,13 @@ struct IdentityOptions {
 
 /// Derives the ids of a session, checking the app id and the name.
 pub fn session_ids(model: &dyn ModelPlugin, session: &SessionConfig) -> Result<(PersistentId, SessionId), String> {
+    session_ids_of(&probe(model, session).registry.signature, session)
+}
+
+fn session_ids_of(
+    signature: &[(&'static str, &'static str)],
+    session: &SessionConfig,
+) -> Result<(PersistentId, SessionId), String> {
     let app = AppId::new(&session.app_id).map_err(|e| e.to_string())?;
     let name = SessionName::new(&session.name).map_err(|e| e.to_string())?;
     let persistent = PersistentId::derive(&app, &name, &IdOptions::none());
@@ -127,14 +142,14 @@ pub fn session_ids(model: &dyn ModelPlugin, session: &SessionConfig) -> Result<(
         snapshot_every_events: session.snapshot_policy.every_events,
     })
     .map_err(|e| e.to_string())?;
-    let code = model_code_hash(model, session);
+    let code = code_hash_of(signature, session);
     Ok((persistent, SessionId::derive(&persistent, &code, env!("CARGO_PKG_VERSION"), &options)))
 }
 
 impl Plugin for SynqPlugin {
     fn build(&self, app: &mut App) {
         let session = self.session.clone();
-        let probe = ModelApp::build(WorldSettings { step_ms: session.step_ms, seed: [0; 32] }, self.model.as_ref());
+        let probe = probe(self.model.as_ref(), &session);
         let mut outbox = Outbox::default();
         for (index, entry) in probe.registry.view_events.iter().enumerate() {
             outbox.index.insert(entry.type_id, index as u16);
@@ -142,6 +157,7 @@ impl Plugin for SynqPlugin {
         for entry in &probe.registry.view_messages {
             (entry.add_to_app)(app);
         }
+        let ids = session_ids_of(&probe.registry.signature, &session);
         drop(probe);
 
         app.init_resource::<ModelWorld>()
@@ -150,7 +166,7 @@ impl Plugin for SynqPlugin {
             .add_message::<SynqStatus>()
             .add_message::<DivergenceDetected>()
             .add_message::<SynqProblem>();
-        let (persistent, session_id) = match session_ids(self.model.as_ref(), &session) {
+        let (persistent, session_id) = match ids {
             Ok(ids) => ids,
             Err(reason) => {
                 error!("bevy_synq: cannot join: {reason}");
