@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use synq_protocol::crypto::{Binding, SealKind, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
+use synq_protocol::membership::{self, Challenge, MemberSignature};
 use synq_protocol::wire::{
     ClientMessage, ErrorCode, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, SyncStart,
     VotePurpose,
@@ -20,7 +21,7 @@ use crate::config::SessionConfig;
 use crate::debug::synq_debug;
 use crate::model::ModelProblem;
 use crate::model::app::{ModelPlugin, WorldSettings};
-use crate::model::runtime::{External, ExternalBody, ModelRuntime};
+use crate::model::runtime::{External, ExternalBody, ModelRuntime, RuntimeError};
 use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
 use crate::transport::{Connection, Connector};
 
@@ -89,10 +90,12 @@ enum Phase {
     /// The connection was lost; the next attempt is due at `next_at`.
     Reconnecting {
         next_at: Instant,
-        delay_ms: u64,
     },
+    /// Connected; waiting for the reflector's challenge (then `joined`), then for its `Sync`.
     AwaitingSync {
         since: Instant,
+        resume_after: Option<u32>,
+        joined: bool,
     },
     Running,
     Failed,
@@ -139,6 +142,10 @@ pub struct SynqClient {
     pub(crate) divergences: Vec<DivergenceDetected>,
     /// When the connection was lost, while it is being restored.
     lost_at: Option<Instant>,
+    /// The current reconnect delay: grows with every failed attempt, reset by a `Sync`.
+    retry_delay_ms: u64,
+    /// The next join must not ask to resume: the running model is behind or ahead of the session.
+    resync: bool,
     reconnects: u32,
     /// When the reflector was last heard from (it ticks every `tick_ms` when nothing else flows).
     last_heard: Instant,
@@ -184,6 +191,8 @@ impl SynqClient {
             problems: Vec::new(),
             divergences: Vec::new(),
             lost_at: None,
+            retry_delay_ms: 0,
+            resync: false,
             reconnects: 0,
             last_heard: Instant::now(),
             last_send: None,
@@ -255,15 +264,12 @@ impl SynqClient {
         synq_debug!(self.config.debug, SESSION, "connection lost ({reason})");
         self.connection = None;
         let now = Instant::now();
-        let delay_ms = match self.phase {
-            Phase::Reconnecting { delay_ms, .. } => delay_ms,
-            _ => 0,
-        };
         self.lost_at.get_or_insert(now);
-        // The first retry is immediate; then min(30 s, (delay + 100 ms) * (1 + random)).
-        let next_delay = if self.lost_at == Some(now) { 0 } else { jittered(delay_ms) };
-        self.phase =
-            Phase::Reconnecting { next_at: now + std::time::Duration::from_millis(next_delay), delay_ms: next_delay };
+        // The first retry is immediate; then min(30 s, (delay + 100 ms) * (1 + random)), growing
+        // with every attempt that does not end in a `Sync`.
+        let next_delay = if self.lost_at == Some(now) { 0 } else { jittered(self.retry_delay_ms) };
+        self.retry_delay_ms = next_delay;
+        self.phase = Phase::Reconnecting { next_at: now + std::time::Duration::from_millis(next_delay) };
         if !matches!(self.status, SynqStatus::Connecting) && !self.within_rejoin_limit() {
             self.status = SynqStatus::Connecting;
         }
@@ -288,21 +294,38 @@ impl SynqClient {
         let resume_after = model
             .runtime
             .as_ref()
-            .filter(|_| matches!(self.phase, Phase::Reconnecting { .. }))
+            .filter(|_| matches!(self.phase, Phase::Reconnecting { .. }) && !self.resync)
             .map(|runtime| self.pending.back().map_or(runtime.last_seq(), |e| e.seq));
-        let join = Join {
+        // The join leaves when the reflector's challenge arrives (it must sign it).
+        self.phase = Phase::AwaitingSync { since: Instant::now(), resume_after, joined: false };
+    }
+
+    /// Answers the reflector's challenge with the join and its membership proof.
+    fn answer_challenge(&mut self, challenge: &Challenge) {
+        let Phase::AwaitingSync { resume_after, joined: joined @ false, .. } = &mut self.phase else {
+            warn!("bevy_synq: the reflector sent a second challenge; ignored");
+            return;
+        };
+        *joined = true;
+        let resume_after = *resume_after;
+        let mut join = Join {
             protocol: PROTOCOL_VERSION,
             app_id: self.config.app_id.clone(),
-            api_key: self.config.api_key.clone(),
+            api_key_proof: self
+                .config
+                .api_key
+                .as_ref()
+                .map(|k| membership::api_key_proof(k, challenge, &self.config.app_id)),
             session_id: self.ids.session,
             persistent_id: self.ids.persistent,
             view_id: self.ids.view,
             tick_ms: self.config.tick_ms,
-            password_check: self.key.password_check(&self.ids.session),
             resume_after,
+            member_key: self.key.member_key(),
+            signature: MemberSignature::EMPTY,
         };
+        membership::sign_join(&self.key, challenge, &mut join);
         self.send(ClientMessage::Join(join));
-        self.phase = Phase::AwaitingSync { since: Instant::now() };
     }
 
     fn send(&mut self, message: ClientMessage) {
@@ -316,7 +339,7 @@ impl SynqClient {
         match self.phase {
             Phase::Connecting => self.connect(model),
             Phase::Reconnecting { next_at, .. } if Instant::now() >= next_at => self.connect(model),
-            Phase::AwaitingSync { since } if since.elapsed() > SYNC_TIMEOUT => {
+            Phase::AwaitingSync { since, .. } if since.elapsed() > SYNC_TIMEOUT => {
                 return self.lost("no answer to join".into());
             }
             _ => {}
@@ -342,6 +365,7 @@ impl SynqClient {
                 Err(reason) => return self.lost(format!("connection lost: {reason}")),
             };
             match message.as_ref() {
+                ServerMessage::Challenge(challenge) => self.answer_challenge(challenge),
                 ServerMessage::Sync(sync) => {
                     if let Err(reason) = self.start(model, sync) {
                         return self.fail(reason);
@@ -387,13 +411,15 @@ impl SynqClient {
                     if error.code == ErrorCode::BufferFull {
                         self.problems.push(SynqProblem::Refused(error.message.clone()));
                     }
+                    if error.code == ErrorCode::DataLost {
+                        self.problems.push(SynqProblem::DataLost(error.message.clone()));
+                    }
                 }
             }
         }
     }
 
     fn start(&mut self, model: &mut ModelWorld, sync: &synq_protocol::wire::Sync) -> Result<(), String> {
-        self.key.verify_password_check(&self.ids.session, &sync.password_check).map_err(|e| e.to_string())?;
         let policy = self.config.snapshot_policy;
         synq_debug!(
             self.config.debug,
@@ -466,6 +492,7 @@ impl SynqClient {
                 self.target_time = self.target_time.max(sync.time);
                 self.phase = Phase::Running;
                 self.lost_at = None;
+                self.retry_delay_ms = 0;
                 self.reconnects += 1;
                 if !seamless {
                     self.synced = false;
@@ -479,6 +506,8 @@ impl SynqClient {
             self.reconnects += 1;
         }
         self.lost_at = None;
+        self.retry_delay_ms = 0;
+        self.resync = false;
         self.catch_up_from = runtime.now_ms();
         model.runtime = Some(runtime);
         self.pending = sync.events.iter().cloned().collect();
@@ -489,28 +518,42 @@ impl SynqClient {
         Ok(())
     }
 
+    /// Opens the session's snapshot and checks that it holds the state the replicas voted for:
+    /// a member elected to upload cannot hand late joiners any other state.
     fn open_snapshot(&self, record: &SnapshotRecord) -> Result<Vec<u8>, String> {
-        self.key
+        let bytes = self
+            .key
             .open(SealKind::Snapshot, &Binding::Session(self.ids.session), &record.data)
-            .map_err(|e| format!("cannot open the session snapshot: {e}"))
+            .map_err(|e| format!("cannot open the session snapshot: {e}"))?;
+        if self.key.vote_digest(&crate::snapshot::state_hash(&bytes)) != record.vote {
+            return Err(format!(
+                "the session snapshot at {} ms does not hold the state the replicas voted for",
+                record.time
+            ));
+        }
+        Ok(bytes)
     }
 
-    fn open_external(&self, event: &StampedEvent) -> Result<External, String> {
+    /// Opens an external message. A view event that does not open is not an error: every replica
+    /// fails to open it alike (same ciphertext, same key), so it is skipped in its place.
+    fn open_external(&self, event: &StampedEvent) -> External {
         let body = match &event.body {
             EventBody::View { sender, payload } => {
                 let binding = Binding::SessionView(self.ids.session, *sender);
-                let plaintext = self
-                    .key
-                    .open(SealKind::Event, &binding, payload)
-                    .map_err(|e| format!("event {} from view {sender}: {e}", event.seq))?;
-                ExternalBody::View { sender: *sender, plaintext }
+                match self.key.open(SealKind::Event, &binding, payload) {
+                    Ok(plaintext) => ExternalBody::View { sender: *sender, plaintext },
+                    Err(error) => {
+                        let reason = format!("event {} does not open: {error}", event.seq);
+                        ExternalBody::Unopenable { sender: *sender, reason }
+                    }
+                }
             }
             EventBody::Users { joined, left, reset } => {
                 ExternalBody::Users { joined: joined.clone(), left: left.clone(), reset: *reset }
             }
             EventBody::SnapshotRequest => ExternalBody::SnapshotRequest,
         };
-        Ok(External { time: event.time, seq: event.seq, body })
+        External { time: event.time, seq: event.seq, body }
     }
 
     /// Executes what the reflector sent: everything when synced, a bounded slice when catching up.
@@ -520,23 +563,38 @@ impl SynqClient {
         }
         let Some(runtime) = model.runtime.as_mut() else { return };
         let started = Instant::now();
-        let budget = self.config.catch_up;
+        let (max_messages, max_time) = self.config.catch_up.effective();
         let mut executed = 0usize;
         let mut failure = None;
         while let Some(event) = self.pending.front() {
-            if !self.synced && (executed >= budget.max_messages || started.elapsed() >= budget.max_time) {
+            if !self.synced && (executed >= max_messages || started.elapsed() >= max_time) {
                 break;
             }
-            let outcome = self.open_external(event).and_then(|external| {
-                // Skip what a resumed model already executed.
+            let external = self.open_external(event);
+            // Skip what a resumed model already executed.
+            let outcome =
                 if synq_protocol::seq_le(external.seq, runtime.last_seq()) && runtime.now_ms() >= external.time {
-                    return Ok(());
+                    Ok(())
+                } else {
+                    runtime.execute(external)
+                };
+            match outcome {
+                Ok(()) => {}
+                Err(RuntimeError::TimeWentBack { now, got }) => {
+                    // The reflector holds an older state than this replica (it lost or rolled back
+                    // its storage): resync from what it has rather than fail.
+                    let reason = format!(
+                        "the reflector's session time went back from {now} ms to {got} ms (it lost part of the \
+                         session's history); resyncing from its state"
+                    );
+                    self.problems.push(SynqProblem::DataLost(reason.clone()));
+                    self.resync = true;
+                    return self.lost(reason);
                 }
-                runtime.execute(external).map_err(|e| e.to_string())
-            });
-            if let Err(reason) = outcome {
-                failure = Some(reason);
-                break;
+                Err(error) => {
+                    failure = Some(error.to_string());
+                    break;
+                }
             }
             self.pending.pop_front();
             executed += 1;
@@ -547,7 +605,7 @@ impl SynqClient {
             } else {
                 // Fast-forward through quiet time in slices too.
                 let step = u64::from(self.config.step_ms).max(1);
-                while runtime.now_ms() < self.target_time && started.elapsed() < budget.max_time {
+                while runtime.now_ms() < self.target_time && started.elapsed() < max_time {
                     let next = (runtime.now_ms() + step * 64).min(self.target_time);
                     runtime.advance_to(next);
                 }

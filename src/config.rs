@@ -83,12 +83,24 @@ impl SessionConfig {
 }
 
 /// How much of a late joiner's backlog is executed per frame, so the app stays responsive.
+///
+/// A zero in either field means "no limit" for it (a frame that executes nothing would never
+/// catch up).
 #[derive(Clone, Copy, Debug)]
 pub struct CatchUpBudget {
-    /// At most this many external messages per frame while catching up.
+    /// At most this many external messages per frame while catching up (0: no limit).
     pub max_messages: usize,
-    /// At most this much wall time per frame while catching up.
+    /// At most this much wall time per frame while catching up (zero: no limit).
     pub max_time: Duration,
+}
+
+impl CatchUpBudget {
+    /// The budget with zeros read as "no limit".
+    pub(crate) fn effective(self) -> (usize, Duration) {
+        let messages = if self.max_messages == 0 { usize::MAX } else { self.max_messages };
+        let time = if self.max_time.is_zero() { Duration::MAX } else { self.max_time };
+        (messages, time)
+    }
 }
 
 impl Default for CatchUpBudget {

@@ -55,6 +55,9 @@ pub enum SynqProblem {
     Model(ModelProblem),
     /// The reflector refused something this client sent.
     Refused(String),
+    /// The reflector lost part of the session's stored history (damaged storage); the session
+    /// continues from what it kept.
+    DataLost(String),
 }
 
 /// A run condition: the session is synced.

@@ -10,9 +10,9 @@ mod common;
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::{Binding, KdfParams, SealKind, SessionKey};
-use bevy_synq::{Migrations, ModelProblem, PersistError, PersistSession, Persisted, SynqClient};
+use bevy_synq::{Migrations, ModelProblem, ModelWorld, PersistError, PersistSession, Persisted, SynqClient};
 use common::process::{ReflectorProcess, data_dir, model_resource, run_for, run_until, synced, udp_app};
-use common::{Harness, test_session};
+use common::{Harness, status, test_session};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -214,14 +214,13 @@ fn a_wrong_password_cannot_read_persisted_data() {
     play_version_1(&reflector, "locked", "right password", false);
     let before = persisted_file(&dir);
 
+    // A new code version with the wrong password: the reflector refuses the join (the persistent
+    // id's membership key is pinned), before any download.
     let mut c = udp_app(v2_with(migrations_v2), session("locked", 3, "wrong password"), reflector.addr);
-    run_until(&mut [&mut c], TIMEOUT, |apps| synced(apps[0]));
-    let reported = problems(&c);
-    assert!(
-        reported.iter().any(|p| matches!(p, SynqProblem::Model(ModelProblem::PersistLoadFailed(reason)) if reason.contains("cannot be opened with this session's password"))),
-        "no clear error: {reported:?}"
-    );
-    assert!(model_resource::<BoardV2>(&c).unwrap().table.is_empty());
+    run_until(&mut [&mut c], TIMEOUT, |apps| matches!(status(apps[0]), SynqStatus::Disconnected { .. }));
+    let SynqStatus::Disconnected { reason } = status(&c) else { unreachable!() };
+    assert!(reason.contains("wrong session password"), "no clear error: {reason}");
+    assert!(c.world().resource::<ModelWorld>().runtime().is_none(), "a non-member got a model");
     publish(&mut c, "eve", 1);
     run_for(&mut [&mut c], Duration::from_millis(500));
     assert_eq!(persisted_file(&dir), before, "data readable only with the right password was overwritten");

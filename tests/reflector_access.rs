@@ -4,33 +4,17 @@
 
 mod common;
 
-use bevy::ecs::system::RunSystemOnce;
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::KdfParams;
 use bevy_synq::{ModelWorld, SynqClient};
 use common::process::{ReflectorProcess, data_dir, model_resource, run_until, synced, udp_app};
-use serde::{Deserialize, Serialize};
+use common::sum::{Sum, add, model};
 use std::net::UdpSocket;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const APP: &str = "io.bevy-synq.tests";
-
-#[derive(Serialize, Deserialize, Clone)]
-struct Add(u64);
-
-#[derive(Resource, Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
-struct Sum(u64, u64);
-
-fn model(model: &mut ModelApp) {
-    model.init_resource::<Sum>().add_view_event::<Add>().add_observer(
-        |add: On<FromView<Add>>, mut sum: ResMut<Sum>| {
-            sum.0 += add.0;
-            sum.1 = sum.1.wrapping_mul(31).wrapping_add(add.0); // order-dependent
-        },
-    );
-}
 
 fn session(view: u64, key: Option<&str>) -> SessionConfig {
     let mut session = SessionConfig::new(APP, "access", "pw");
@@ -38,12 +22,6 @@ fn session(view: u64, key: Option<&str>) -> SessionConfig {
     session.view_id = Some(ViewId(view));
     session.api_key = key.map(str::to_string);
     session
-}
-
-fn add(app: &mut App, value: u64) {
-    app.world_mut()
-        .run_system_once_with(|In(v): In<u64>, mut publish: Publish<Add>| publish.send(Add(v)), value)
-        .unwrap();
 }
 
 #[test]

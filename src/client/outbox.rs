@@ -47,7 +47,8 @@ impl Outbox {
 impl SynqClient {
     /// Seals and sends the view events published this frame.
     pub(crate) fn flush(&mut self, outbox: &mut Outbox) {
-        if self.connection.is_none() || !matches!(self.phase, Phase::Running | Phase::AwaitingSync { .. }) {
+        if self.connection.is_none() || !matches!(self.phase, Phase::Running | Phase::AwaitingSync { joined: true, .. })
+        {
             return;
         }
         if outbox.pending.is_empty() {

@@ -3,6 +3,7 @@
 use bevy::prelude::*;
 use synq_protocol::crypto::{Binding, SealKind};
 use synq_protocol::ids::ViewId;
+use synq_protocol::membership::{self, MemberSignature};
 use synq_protocol::wire::{ClientMessage, PersistRecord, SnapshotRecord, Tally, VotePurpose};
 
 use super::SynqClient;
@@ -66,7 +67,10 @@ impl SynqClient {
                 let data = self.key.seal(SealKind::Persisted, &binding, past.json.as_bytes());
                 info!("bevy_synq: uploading persisted data at {} ms ({} bytes)", past.time, past.json.len());
                 synq_debug!(self.config.debug, PERSIST, "elected to upload the document of {} ms", past.time);
-                self.send(ClientMessage::PersistUpload(PersistRecord { time: past.time, vote: past.vote, data }));
+                let mut record =
+                    PersistRecord { time: past.time, vote: past.vote, data, signature: MemberSignature::EMPTY };
+                membership::sign_persist(&self.key, &self.ids.persistent, &mut record);
+                self.send(ClientMessage::PersistUpload(record));
                 self.persist_uploads += 1;
             }
             return;
@@ -83,7 +87,9 @@ impl SynqClient {
                 point.bytes.len()
             );
             let data = self.key.seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
-            let record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data };
+            let signature = MemberSignature::EMPTY;
+            let mut record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data, signature };
+            membership::sign_snapshot(&self.key, &self.ids.session, &mut record);
             self.send(ClientMessage::SnapshotUpload(record));
         }
     }

@@ -78,8 +78,21 @@ pub(crate) struct External {
 
 #[derive(Debug, Clone)]
 pub(crate) enum ExternalBody {
-    View { sender: ViewId, plaintext: Vec<u8> },
-    Users { joined: Vec<ViewId>, left: Vec<ViewId>, reset: bool },
+    View {
+        sender: ViewId,
+        plaintext: Vec<u8>,
+    },
+    /// A view event that does not open with the session key: it takes its place in the order
+    /// (time, sequence) and is skipped, the same way on every replica.
+    Unopenable {
+        sender: ViewId,
+        reason: String,
+    },
+    Users {
+        joined: Vec<ViewId>,
+        left: Vec<ViewId>,
+        reset: bool,
+    },
     SnapshotRequest,
 }
 
@@ -104,7 +117,8 @@ pub enum ModelProblem {
     /// The persisted data handed to this fresh session could not be opened or loaded. The
     /// session runs without it, and persisting is disabled so that the stored data is kept.
     PersistLoadFailed(String),
-    /// A view event could not be decoded (unknown type or bad encoding); it was skipped.
+    /// A view event could not be opened (not sealed with the session key), decoded (bad
+    /// encoding) or named a type the model does not know; it was skipped on every replica.
     BadViewEvent {
         /// Who sent it.
         sender: ViewId,
@@ -405,6 +419,9 @@ impl ModelRuntime {
         }
         match external.body {
             ExternalBody::View { sender, plaintext } => self.view_event(sender, &plaintext),
+            ExternalBody::Unopenable { sender, reason } => {
+                self.problems.push(ModelProblem::BadViewEvent { sender, reason })
+            }
             ExternalBody::Users { joined, left, reset } => self.users(joined, left, reset),
             ExternalBody::SnapshotRequest => self.world.resource_mut::<SnapshotBook>().requested = true,
         }

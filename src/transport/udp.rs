@@ -15,16 +15,23 @@
 //! plugin needs no extra system; [`Connection::send`] flushes at once, so an event leaves in the
 //! frame it was published. Transport-level security is netcode's *unsecure* mode: the payloads
 //! that matter are sealed end to end before they get here.
+//!
+//! The socket is read here rather than by `renet_netcode`'s client transport, so that every
+//! datagram can be checked first: only datagrams from the reflector's address that pass
+//! [`synq_protocol::netcode_guard::check_client_bound`] reach renetcode, whose parser panics on
+//! some malformed datagrams (anyone can spoof the reflector's address).
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use renet::RenetClient;
-use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
+use renetcode::{ClientAuthentication, NetcodeClient};
 use synq_protocol::Limits;
 use synq_protocol::codec;
+use synq_protocol::netcode_guard::{MAX_DATAGRAM_BYTES, check_client_bound};
 use synq_protocol::wire::{ClientMessage, ServerMessage};
 use synq_reflector::server::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
 
@@ -72,7 +79,7 @@ impl Connector for UdpConnector {
 /// One connection to a UDP reflector. Dropping it tells the reflector at once.
 pub struct UdpConnection {
     client: RenetClient,
-    transport: NetcodeClientTransport,
+    transport: Transport,
     limits: Limits,
     /// When renet's clock was last advanced.
     last_update: Instant,
@@ -103,7 +110,7 @@ impl UdpConnection {
             server_addr: connector.server_addr,
             user_data: None,
         };
-        let transport = NetcodeClientTransport::new(now, authentication, socket).map_err(|e| e.to_string())?;
+        let transport = Transport::new(now, authentication, socket)?;
         let started = Instant::now();
         let mut connection = Self {
             client: RenetClient::new(connection_config()),
@@ -174,6 +181,86 @@ impl UdpConnection {
             && let Err(e) = self.transport.send_packets(&mut self.client)
         {
             self.fail(format!("cannot send: {e}"));
+        }
+    }
+}
+
+/// netcode over a UDP socket (what `renet_netcode::NetcodeClientTransport` does), with every
+/// received datagram checked before renetcode parses it.
+struct Transport {
+    socket: UdpSocket,
+    netcode: NetcodeClient,
+    buffer: Box<[u8; MAX_DATAGRAM_BYTES]>,
+}
+
+impl Transport {
+    fn new(now: Duration, authentication: ClientAuthentication, socket: UdpSocket) -> Result<Self, String> {
+        socket.set_nonblocking(true).map_err(|e| format!("cannot configure the UDP socket: {e}"))?;
+        let netcode = NetcodeClient::new(now, authentication).map_err(|e| e.to_string())?;
+        Ok(Self { socket, netcode, buffer: Box::new([0; MAX_DATAGRAM_BYTES]) })
+    }
+
+    /// Takes in what arrived from the reflector, advances netcode by `duration` and sends its
+    /// handshake or keep-alive packet if one is due.
+    fn update(&mut self, duration: Duration, client: &mut RenetClient) -> Result<(), String> {
+        if let Some(reason) = self.netcode.disconnect_reason() {
+            client.disconnect_due_to_transport();
+            return Err(reason.to_string());
+        }
+        if let Some(reason) = client.disconnect_reason() {
+            self.disconnect();
+            return Err(reason.to_string());
+        }
+        if self.netcode.is_connected() {
+            client.set_connected();
+        } else if self.netcode.is_connecting() {
+            client.set_connecting();
+        }
+        let server = self.netcode.server_addr();
+        loop {
+            match self.socket.recv_from(&mut self.buffer[..]) {
+                Ok((len, addr)) => {
+                    let datagram = &mut self.buffer[..len];
+                    // Anyone may send to this port, and spoof the reflector's address too.
+                    if addr != server || check_client_bound(datagram).is_err() {
+                        continue;
+                    }
+                    if let Some(payload) = self.netcode.process_packet(datagram) {
+                        client.process_packet(payload);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => break,
+                // An ICMP "port unreachable" for an earlier send (Windows reports it here).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
+                Err(e) => return Err(format!("cannot receive: {e}")),
+            }
+        }
+        if let Some((packet, addr)) = self.netcode.update(duration) {
+            self.socket.send_to(packet, addr).map_err(|e| format!("cannot send: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends what renet has queued.
+    fn send_packets(&mut self, client: &mut RenetClient) -> Result<(), String> {
+        if let Some(reason) = self.netcode.disconnect_reason() {
+            return Err(reason.to_string());
+        }
+        for packet in client.get_packets_to_send() {
+            let (addr, payload) = self.netcode.generate_payload_packet(&packet).map_err(|e| e.to_string())?;
+            self.socket.send_to(payload, addr).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Tells the reflector (once) that this end is gone.
+    fn disconnect(&mut self) {
+        if self.netcode.is_disconnected() {
+            return;
+        }
+        if let Ok((addr, packet)) = self.netcode.disconnect() {
+            // Best effort: the reflector times the connection out anyway.
+            let _ = self.socket.send_to(packet, addr);
         }
     }
 }

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod adversarial;
+pub mod hostile;
 pub mod process;
+pub mod sum;
 
 use bevy::prelude::*;
 use bevy_synq::prelude::*;

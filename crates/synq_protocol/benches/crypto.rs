@@ -55,5 +55,33 @@ fn argon2id(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, seal_open, argon2id);
+/// What membership costs: the client signs its join once per connection, the reflector verifies
+/// it (and every snapshot and persisted-data upload).
+fn membership(c: &mut Criterion) {
+    use synq_protocol::membership::{Challenge, MemberSignature, join_transcript, sign_join, verify};
+    use synq_protocol::wire::Join;
+    let key = SessionKey::from_master(&[7; 32]);
+    let challenge = Challenge([1; 32]);
+    let mut join = Join {
+        protocol: synq_protocol::PROTOCOL_VERSION,
+        app_id: "io.example.game".into(),
+        api_key_proof: None,
+        session_id: SessionId([2; 32]),
+        persistent_id: PersistentId([3; 32]),
+        view_id: ViewId(4),
+        tick_ms: 50,
+        resume_after: None,
+        member_key: key.member_key(),
+        signature: MemberSignature::EMPTY,
+    };
+    let mut group = c.benchmark_group("membership");
+    group.bench_function("sign_join", |b| b.iter(|| sign_join(&key, black_box(&challenge), &mut join)));
+    sign_join(&key, &challenge, &mut join);
+    group.bench_function("verify_join", |b| {
+        b.iter(|| verify(&join.member_key, &join_transcript(black_box(&challenge), &join), &join.signature))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, seal_open, argon2id, membership);
 criterion_main!(benches);

@@ -115,10 +115,9 @@ pub fn decode_client(frame: &[u8], limits: &Limits) -> Result<ClientMessage, Dec
         ClientMessage::PersistUpload(record) => check("persisted data", record.data.len(), limits.max_persist_bytes)?,
         ClientMessage::Join(join) => {
             check("app id", join.app_id.len(), 256)?;
-            check("api key", join.api_key.as_ref().map_or(0, String::len), 1024)?;
-            check("password check", join.password_check.len(), 1024)?;
         }
-        ClientMessage::HashVote(_) | ClientMessage::Ping(_) | ClientMessage::Leave => {}
+        ClientMessage::HashVote(vote) => check("vote parts", vote.parts.len(), limits.max_vote_parts)?,
+        ClientMessage::Ping(_) | ClientMessage::Leave => {}
     }
     Ok(message)
 }
@@ -136,6 +135,11 @@ pub fn decode_server(frame: &[u8], limits: &Limits) -> Result<ServerMessage, Dec
     };
     match &message {
         ServerMessage::Event(event) => check_body(&event.body)?,
+        ServerMessage::Tally(tally) => {
+            for group in &tally.groups {
+                check("vote parts", group.parts.len(), limits.max_vote_parts)?;
+            }
+        }
         ServerMessage::Sync(sync) => {
             if sync.events.len() > limits.max_sync_events {
                 return Err(DecodeError::PayloadTooLarge {
@@ -269,6 +273,20 @@ mod tests {
     }
 
     #[test]
+    fn votes_with_too_many_parts_are_refused() {
+        use crate::wire::{HashVote, VotePurpose};
+        let limits = Limits { max_vote_parts: 4, ..Limits::default() };
+        let vote = |parts| {
+            ClientMessage::HashVote(HashVote { purpose: VotePurpose::Snapshot, time: 1, seq: 2, vote: [0; 32], parts })
+        };
+        assert!(decode_client(&encode_client(&vote(vec![[1; 32]; 4])), &limits).is_ok());
+        assert_eq!(
+            decode_client(&encode_client(&vote(vec![[1; 32]; 5])), &limits),
+            Err(DecodeError::PayloadTooLarge { what: "vote parts", size: 5, limit: 4 })
+        );
+    }
+
+    #[test]
     fn oversized_frame_is_refused_before_parsing() {
         let limits = Limits { max_frame_bytes: 10, ..Limits::default() };
         let frame = encode_client(&ClientMessage::Ping(1));
@@ -298,6 +316,7 @@ mod tests {
             seq: 9,
             vote: [3; 32],
             data: Sealed { nonce: [1; 24], ciphertext: (0..300_000).map(|i| i as u8).collect() },
+            signature: crate::membership::MemberSignature::EMPTY,
         };
         let msg = ClientMessage::SnapshotUpload(record);
         let frame = encode_client(&msg);

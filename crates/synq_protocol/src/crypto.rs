@@ -1,4 +1,4 @@
-//! End-to-end encryption: the session key, sealing and opening payloads, password checks.
+//! End-to-end encryption: the session key, sealing and opening payloads, membership signatures.
 //!
 //! * The key is Argon2id(password, salt derived from the persistent id), so it stays the same
 //!   across code versions and persisted data remains readable.
@@ -8,8 +8,11 @@
 //!   associated data that binds the ciphertext to its [`SealKind`] and to its session (and, for
 //!   events, to the sending view). A reflector can therefore neither read a payload nor move it
 //!   to another session, another kind or another sender without the open failing.
+//! * The key also holds an Ed25519 signing key pair (see [`crate::membership`]) with which a
+//!   client proves to the reflector that it holds the password, without revealing the key.
 
 use crate::ids::{Hash32, PersistentId, SessionId, ViewId, hash_parts};
+use crate::membership::{MemberKey, MemberSignature};
 use chacha20poly1305::aead::rand_core::RngCore;
 use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -30,14 +33,12 @@ pub enum SealKind {
     Persisted = 3,
     /// Per-view data delivered with view-join.
     ViewData = 4,
-    /// The password check token.
-    PasswordCheck = 5,
 }
 
 /// What a sealed payload belongs to; bound into its associated data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Binding {
-    /// A session (snapshots, password checks).
+    /// A session (snapshots).
     Session(SessionId),
     /// A session and the view that sent it (events, view data).
     SessionView(SessionId, ViewId),
@@ -102,9 +103,6 @@ pub enum CryptoError {
     /// The session password is empty (as in Croquet, a password is required).
     #[error("the session password must not be empty")]
     EmptyPassword,
-    /// The password check token does not open with this password.
-    #[error("wrong session password")]
-    WrongPassword,
     /// The payload does not open: tampered, truncated, or sealed for another key, kind or session.
     #[error("payload does not open with this session key (tampered, or sealed for another session, kind or sender)")]
     Open,
@@ -148,6 +146,8 @@ pub struct SessionKey {
     nonce_prefix: [u8; 16],
     /// The last 8 bytes of the next nonce.
     nonce_counter: AtomicU64,
+    /// The membership signing key (boxed: it is large, and wiped in place on drop).
+    member: Box<ed25519_dalek::SigningKey>,
 }
 
 // Both fields wipe themselves on drop; this fails to compile if that ever stops being true.
@@ -155,6 +155,7 @@ const _: () = {
     const fn wipes<T: ZeroizeOnDrop>() {}
     wipes::<XChaCha20Poly1305>();
     wipes::<Zeroizing<[u8; 32]>>();
+    wipes::<ed25519_dalek::SigningKey>();
 };
 
 impl ZeroizeOnDrop for SessionKey {}
@@ -188,12 +189,30 @@ impl SessionKey {
         let vote_key = Zeroizing::new(hash_parts(&[b"bevy_synq vote key v1", master]));
         let mut nonce_prefix = [0u8; 16];
         OsRng.fill_bytes(&mut nonce_prefix);
+        // HKDF-SHA-256 with the member domain tag: the signing key reveals nothing of the others.
+        let mut seed = Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<sha2::Sha256>::new(Some(b"bevy_synq member key v1"), master)
+            .expand(b"ed25519 seed", seed.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA-256 output length");
         Self {
             cipher: XChaCha20Poly1305::new(seal_key.as_ref().into()),
             vote_key,
             nonce_prefix,
             nonce_counter: AtomicU64::new(0),
+            member: Box::new(ed25519_dalek::SigningKey::from_bytes(&seed)),
         }
+    }
+
+    /// The public half of this key's membership key pair: the same for every holder of the
+    /// password of the persistent id, pinned by the reflector.
+    pub fn member_key(&self) -> MemberKey {
+        MemberKey(self.member.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` with the membership key (see [`crate::membership`] for what is signed).
+    pub fn sign_member(&self, message: &[u8]) -> MemberSignature {
+        use ed25519_dalek::Signer;
+        MemberSignature::from_bytes(&self.member.sign(message).to_bytes())
     }
 
     fn next_nonce(&self) -> XNonce {
@@ -233,19 +252,6 @@ impl SessionKey {
         self.cipher
             .decrypt(XNonce::from_slice(&sealed.nonce), Payload { msg: &sealed.ciphertext, aad: &aad })
             .map_err(|_| CryptoError::Open)
-    }
-
-    /// The password check token for a session: the session id sealed under this key.
-    pub fn password_check(&self, session: &SessionId) -> Sealed {
-        self.seal(SealKind::PasswordCheck, &Binding::Session(*session), session.as_bytes())
-    }
-
-    /// Checks another client's password check token against this key.
-    pub fn verify_password_check(&self, session: &SessionId, token: &Sealed) -> Result<(), CryptoError> {
-        match self.open(SealKind::PasswordCheck, &Binding::Session(*session), token) {
-            Ok(plain) if plain == session.as_bytes() => Ok(()),
-            _ => Err(CryptoError::WrongPassword),
-        }
     }
 
     /// A keyed digest of a state hash: equal states give equal digests, and whoever lacks the key
@@ -299,33 +305,6 @@ mod tests {
     }
 
     #[test]
-    fn password_check_tells_wrong_password() {
-        let session = SessionId([3; 32]);
-        let token = key("right").password_check(&session);
-        assert!(key("right").verify_password_check(&session, &token).is_ok());
-        assert_eq!(key("wrong").verify_password_check(&session, &token), Err(CryptoError::WrongPassword));
-    }
-
-    #[test]
-    fn wrong_password_message_is_exact() {
-        assert_eq!(CryptoError::WrongPassword.to_string(), "wrong session password");
-    }
-
-    #[test]
-    fn password_check_of_another_session_or_kind_fails() {
-        let k = key("right");
-        let token = k.password_check(&SessionId([3; 32]));
-        assert_eq!(k.verify_password_check(&SessionId([4; 32]), &token), Err(CryptoError::WrongPassword));
-        // A sealed event whose plaintext happens to be the session id is no password check.
-        let b = Binding::Session(SessionId([3; 32]));
-        let event = k.seal(SealKind::Event, &b, &[3; 32]);
-        assert_eq!(k.verify_password_check(&SessionId([3; 32]), &event), Err(CryptoError::WrongPassword));
-        let mut bad = token.clone();
-        bad.ciphertext.truncate(10);
-        assert_eq!(k.verify_password_check(&SessionId([3; 32]), &bad), Err(CryptoError::WrongPassword));
-    }
-
-    #[test]
     fn tampered_nonce_or_tag_fails_and_bindings_are_distinct() {
         let k = key("pw");
         let id = [5; 32];
@@ -371,11 +350,11 @@ mod tests {
         let master = [0x42u8; 32];
         let seal_key = hash_parts(&[b"bevy_synq seal key v1", &master]);
         let vote_key = hash_parts(&[b"bevy_synq vote key v1", &master]);
-        assert_eq!(size_of::<SessionKey>(), 88, "layout changed: review the SAFETY comment below");
+        assert_eq!(size_of::<SessionKey>(), 96, "layout changed: review the SAFETY comment below");
         let mut slot = MaybeUninit::new(SessionKey::from_master(&master));
         let bytes = |slot: &MaybeUninit<SessionKey>| -> Vec<u8> {
-            // SAFETY: reads the slot's own bytes; SessionKey holds byte arrays and one AtomicU64
-            // (88 bytes, alignment 8, so no padding that could be uninitialised).
+            // SAFETY: reads the slot's own bytes; SessionKey holds byte arrays, one AtomicU64 and
+            // one Box (96 bytes, alignment 8, so no padding that could be uninitialised).
             unsafe { std::slice::from_raw_parts(slot.as_ptr().cast::<u8>(), size_of::<SessionKey>()).to_vec() }
         };
         let find = |hay: &[u8], needle: &[u8; 32]| hay.windows(32).position(|w| w == needle);

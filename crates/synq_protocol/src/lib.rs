@@ -4,7 +4,8 @@
 //! dependency: session identity and hashing ([`ids`], [`code_hash`]), [`canonical_json`] for
 //! hashed and persisted documents, end-to-end encryption ([`crypto`]), join [`link`]s, and the
 //! messages exchanged between clients and the reflector ([`wire`]) with their bounded binary
-//! [`codec`] and the [`chunk`]ing of frames larger than one transport message.
+//! [`codec`] and the [`chunk`]ing of frames larger than one transport message, and the
+//! [`membership`] proofs with which clients show the reflector that they hold the password.
 //!
 //! The reflector links this crate too, but it only ever handles [`crypto::Sealed`] payloads: it has
 //! no key and therefore never sees plaintext.
@@ -18,6 +19,8 @@ pub mod crypto;
 pub mod ids;
 pub mod limits;
 pub mod link;
+pub mod membership;
+pub mod netcode_guard;
 pub mod wire;
 
 pub use code_hash::CodeHasher;
@@ -29,7 +32,7 @@ pub use wire::{ClientMessage, ServerMessage};
 ///
 /// A reflector refuses a `Join` that names another version with
 /// [`wire::ErrorCode::ProtocolVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The first external sequence number a session hands out is `INITIAL_SEQ + 1`.
 ///

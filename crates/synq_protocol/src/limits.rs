@@ -20,6 +20,8 @@ pub struct Limits {
     pub max_sync_events: usize,
     /// Most chunks one payload may be split into.
     pub max_chunks: u32,
+    /// Most part hashes one vote may carry (one per resource and component type, and a few more).
+    pub max_vote_parts: usize,
 }
 
 impl Default for Limits {
@@ -31,6 +33,7 @@ impl Default for Limits {
             max_frame_bytes: 256 * 1024 * 1024,
             max_sync_events: 200_000,
             max_chunks: 65_536,
+            max_vote_parts: 1024,
         }
     }
 }

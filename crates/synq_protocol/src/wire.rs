@@ -6,6 +6,7 @@
 
 use crate::crypto::Sealed;
 use crate::ids::{Hash32, PersistentId, SessionId, ViewId};
+use crate::membership::{Challenge, MemberKey, MemberSignature};
 use serde::{Deserialize, Serialize};
 
 /// Session time: integer milliseconds since the session started, continuing across reflector
@@ -15,7 +16,8 @@ pub type SessionTime = u64;
 /// Client → reflector.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientMessage {
-    /// Join a session. The first message of every connection.
+    /// Join a session: the first message of every connection, sent in answer to the reflector's
+    /// [`ServerMessage::Challenge`].
     Join(Join),
     /// A view event for the model, to be stamped and broadcast to every client of the session.
     Event(Sealed),
@@ -31,15 +33,17 @@ pub enum ClientMessage {
     Leave,
 }
 
-/// The first message of a connection.
+/// The first message of a connection: which session, and the proof of membership.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Join {
     /// Must equal [`crate::PROTOCOL_VERSION`].
     pub protocol: u16,
     /// The app id (reverse-DNS style); used for access control.
     pub app_id: String,
-    /// The key presented for access control, if the reflector requires one.
-    pub api_key: Option<String>,
+    /// Proof of the app's API key, if the reflector requires one:
+    /// [`crate::membership::api_key_proof`] over the connection's challenge. The key itself never
+    /// travels.
+    pub api_key_proof: Option<Hash32>,
     /// The session to join.
     pub session_id: SessionId,
     /// The session's persistent id (for persisted data).
@@ -49,13 +53,16 @@ pub struct Join {
     /// Heartbeat tick period requested by this client; only the client that creates the session
     /// sets it.
     pub tick_ms: u32,
-    /// An encryption of the session id under the session key. The first client's token is kept
-    /// and handed to every later joiner, who can then tell at once whether its password is right.
-    pub password_check: Sealed,
     /// Set when this is a reconnect of a client that has processed every external message up to
     /// and including this sequence number: the reflector then sends only what came after (a
     /// seamless rejoin) when it still has it.
     pub resume_after: Option<u32>,
+    /// The session password's membership key; the reflector pins it to the persistent id when
+    /// the id is first seen and refuses any other.
+    pub member_key: MemberKey,
+    /// The membership key's signature of [`crate::membership::join_transcript`]: the connection's
+    /// challenge and every field above.
+    pub signature: MemberSignature,
 }
 
 /// What a vote decides.
@@ -96,6 +103,8 @@ pub struct SnapshotRecord {
     pub vote: Hash32,
     /// The sealed, canonical encoding of the model.
     pub data: Sealed,
+    /// The uploader's membership signature of [`crate::membership::snapshot_transcript`].
+    pub signature: MemberSignature,
 }
 
 /// A sealed persisted-data document.
@@ -107,11 +116,15 @@ pub struct PersistRecord {
     pub vote: Hash32,
     /// The sealed canonical-JSON document.
     pub data: Sealed,
+    /// The uploader's membership signature of [`crate::membership::persist_transcript`].
+    pub signature: MemberSignature,
 }
 
 /// Reflector → client.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ServerMessage {
+    /// The first message of every connection: what the join's membership proof must sign.
+    Challenge(Challenge),
     /// The answer to a join: where the session stands and how to catch up.
     Sync(Sync),
     /// An external message, stamped by the reflector.
@@ -147,8 +160,6 @@ pub struct Sync {
     pub seq: u32,
     /// The session's heartbeat period.
     pub tick_ms: u32,
-    /// The first client's password token (see [`Join::password_check`]).
-    pub password_check: Sealed,
     /// How the client starts.
     pub start: SyncStart,
     /// Every external message after the starting point, in order.
@@ -226,7 +237,8 @@ pub struct Tally {
 pub struct VoteGroup {
     /// The shared vote.
     pub vote: Hash32,
-    /// The part hashes of the group's first voter (see [`HashVote::parts`]).
+    /// The part hashes of the group's first voter (see [`HashVote::parts`]); empty when the tally
+    /// has a single group (nothing differs).
     pub parts: Vec<Hash32>,
     /// Who voted it, sorted.
     pub views: Vec<ViewId>,
@@ -246,8 +258,11 @@ pub struct ErrorMessage {
 pub enum ErrorCode {
     /// The client speaks another protocol version. Final.
     ProtocolVersion,
-    /// The app is not admitted (missing or wrong key). Final.
+    /// The app is not admitted (missing or wrong key), or the membership proof is invalid. Final.
     AccessDenied,
+    /// The session password differs from the one the session's persistent id was first used
+    /// with. Final.
+    WrongPassword,
     /// A message arrived before `Join`, or a second `Join`. Final.
     NotJoined,
     /// The view id is already connected to this session. Final.
@@ -264,6 +279,9 @@ pub enum ErrorCode {
     Full,
     /// The reflector is shutting down. Retry later.
     ShuttingDown,
+    /// The reflector's storage of the session was damaged and part of its history is lost; the
+    /// session continues from what was kept. Not final.
+    DataLost,
     /// The reflector cannot serve the session right now (its storage failed or holds a damaged
     /// file). Retry later; the reflector's log says more.
     Unavailable,
@@ -276,6 +294,7 @@ impl ErrorCode {
             self,
             ErrorCode::ProtocolVersion
                 | ErrorCode::AccessDenied
+                | ErrorCode::WrongPassword
                 | ErrorCode::NotJoined
                 | ErrorCode::DuplicateView
                 | ErrorCode::Malformed

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use synq_protocol::chunk::split;
 use synq_protocol::codec::{self, Defragmenter, split_frame};
 use synq_protocol::crypto::Sealed;
+use synq_protocol::membership::{Challenge, MemberKey, MemberSignature};
 use synq_protocol::wire::*;
 use synq_protocol::{Limits, PersistentId, SessionId, ViewId, canonical_json, link::JoinLink};
 
@@ -36,19 +37,21 @@ fn seeds() -> Vec<Vec<u8>> {
         seq: 0xFFFF_FFF4,
         body: EventBody::Users { joined: vec![ViewId(1), ViewId(2)], left: vec![ViewId(9)], reset: true },
     };
-    let record = SnapshotRecord { time: 1, seq: 2, vote: [1; 32], data: sealed(40) };
-    let persist = PersistRecord { time: 3, vote: [2; 32], data: sealed(10) };
+    let signature = MemberSignature { r: [8; 32], s: [9; 32] };
+    let record = SnapshotRecord { time: 1, seq: 2, vote: [1; 32], data: sealed(40), signature };
+    let persist = PersistRecord { time: 3, vote: [2; 32], data: sealed(10), signature };
     let client = [
         ClientMessage::Join(Join {
             protocol: 1,
             app_id: "io.example.game".into(),
-            api_key: Some("key".into()),
+            api_key_proof: Some([6; 32]),
             session_id: SessionId([4; 32]),
             persistent_id: PersistentId([5; 32]),
             view_id: ViewId(77),
             tick_ms: 50,
-            password_check: sealed(48),
             resume_after: Some(12),
+            member_key: MemberKey([7; 32]),
+            signature,
         }),
         ClientMessage::Event(sealed(30)),
         ClientMessage::HashVote(HashVote {
@@ -68,7 +71,6 @@ fn seeds() -> Vec<Vec<u8>> {
             time: 10,
             seq: 11,
             tick_ms: 50,
-            password_check: sealed(48),
             start: SyncStart::Snapshot(record),
             events: vec![
                 event.clone(),
@@ -80,12 +82,12 @@ fn seeds() -> Vec<Vec<u8>> {
             time: 0,
             seq: 0,
             tick_ms: 50,
-            password_check: sealed(48),
             start: SyncStart::Fresh { persisted: Some(persist) },
             events: vec![],
         }),
         ServerMessage::Event(users),
         ServerMessage::Tick(1234),
+        ServerMessage::Challenge(Challenge([3; 32])),
         ServerMessage::Tally(Tally {
             purpose: VotePurpose::Persist,
             time: 1,

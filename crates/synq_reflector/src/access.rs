@@ -1,12 +1,18 @@
 //! Which apps the reflector admits.
 
 use std::collections::HashMap;
+use synq_protocol::Hash32;
+use synq_protocol::membership::{Challenge, api_key_proof};
 
 /// Which apps the reflector admits.
 ///
 /// bevy_synq checks an API key at join rather than using netcode's secure connect tokens: keys need
 /// no token server, and the payloads are sealed end to end anyway, so what access control protects
-/// is the reflector's resources, not the sessions' content.
+/// is the reflector's resources, not the sessions' content (membership of a session is proved
+/// separately, with the session password's key: see [`synq_protocol::membership`]). The key never
+/// travels: the join carries an HMAC of the connection's challenge under the key
+/// ([`synq_protocol::membership::api_key_proof`]), so a passive observer learns nothing it can
+/// replay.
 #[derive(Clone, Debug, Default)]
 pub enum AccessControl {
     /// Anyone may join any session (local play, tests).
@@ -17,12 +23,14 @@ pub enum AccessControl {
 }
 
 impl AccessControl {
-    /// Whether a join for `app_id` with `key` is admitted.
-    pub fn admits(&self, app_id: &str, key: Option<&str>) -> bool {
+    /// Whether a join for `app_id` presenting `proof` of a key for `challenge` is admitted.
+    pub fn admits(&self, app_id: &str, proof: Option<&Hash32>, challenge: &Challenge) -> bool {
         match self {
             AccessControl::Open => true,
-            AccessControl::ApiKeys(keys) => match (keys.get(app_id), key) {
-                (Some(valid), Some(key)) => valid.iter().any(|v| constant_time_eq(v.as_bytes(), key.as_bytes())),
+            AccessControl::ApiKeys(keys) => match (keys.get(app_id), proof) {
+                (Some(valid), Some(proof)) => {
+                    valid.iter().any(|key| constant_time_eq(&api_key_proof(key, challenge, app_id), proof))
+                }
                 _ => false,
             },
         }

@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
+use synq_protocol::membership::{self, Challenge, MemberKey};
 use synq_protocol::wire::{
     ClientMessage, ErrorCode, ErrorMessage, EventBody, HashVote, Join, PersistRecord, ServerMessage, SessionTime,
     SnapshotRecord, StampedEvent, Sync, SyncStart, Tally, VoteGroup, VotePurpose,
@@ -15,7 +16,7 @@ use synq_protocol::wire::{
 use synq_protocol::{INITIAL_SEQ, Limits, PROTOCOL_VERSION, seq_le};
 
 use crate::access::AccessControl;
-use crate::session::{AwaitedUpload, Session, TallyState, UsersBatch};
+use crate::session::{AwaitedUpload, Session, TallyState, UsersBatch, event_bytes};
 use crate::storage::{SessionMeta, Storage, StorageError};
 
 /// Session time is recorded in storage at least this often while a session is active, and a
@@ -25,6 +26,9 @@ pub const TIME_MARK_MS: u64 = 100;
 
 /// The event log is made durable (fsync) this often.
 const SYNC_EVERY_MS: u64 = 1000;
+
+/// Idle sessions are unloaded, and the memory held recounted, this often.
+const HOUSEKEEPING_MS: u64 = 100;
 
 type Store = Option<Box<dyn Storage>>;
 
@@ -54,6 +58,27 @@ pub struct ReflectorConfig {
     pub max_events_per_second: u32,
     /// Which apps are admitted.
     pub access: AccessControl,
+    /// Most votes one client may send per second (a replica votes at each snapshot point and
+    /// persist request: a few per minute). Excess votes are ignored.
+    pub max_votes_per_second: u32,
+    /// Most vote tallies a session keeps open at once; votes that would open more are ignored.
+    pub max_open_tallies: usize,
+    /// Most sessions held in memory; a join that would load another is refused with
+    /// [`ErrorCode::Full`] (after idle sessions were unloaded).
+    pub max_sessions: usize,
+    /// Most sessions one origin (an IP address, as the driver reports it) may have opened and
+    /// still held in memory; beyond, its joins of sessions not in memory are refused.
+    pub max_sessions_per_origin: usize,
+    /// A session with no client for this long is unloaded from memory (its state stays in
+    /// storage, and it is loaded again at the next join). Sessions of a reflector without
+    /// storage are never unloaded.
+    pub idle_unload_ms: u64,
+    /// Most bytes of events one session may buffer (since its latest snapshot); past half of it
+    /// the reflector asks for a snapshot, at it new events are refused until one arrives.
+    pub max_buffered_bytes: usize,
+    /// Most bytes of events, snapshots and persisted documents the reflector holds in memory over
+    /// all sessions; at it, events and new sessions are refused with a clear error.
+    pub memory_budget_bytes: usize,
 }
 
 impl Default for ReflectorConfig {
@@ -68,6 +93,13 @@ impl Default for ReflectorConfig {
             max_events_per_second: 60,
             leave_delay_ms: 1250,
             access: AccessControl::Open,
+            max_votes_per_second: 10,
+            max_open_tallies: 8,
+            max_sessions: 100_000,
+            max_sessions_per_origin: 64,
+            idle_unload_ms: 60_000,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            memory_budget_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -94,10 +126,42 @@ pub enum Output {
 struct ClientState {
     session: Option<SessionId>,
     view: ViewId,
-    /// Token bucket of the event rate limit: events the client may still send now.
+    /// What the join of this connection must sign.
+    challenge: Challenge,
+    /// The membership key the client proved it holds (set at join).
+    member: Option<MemberKey>,
+    /// Where the connection comes from, as the driver reports it.
+    origin: Option<std::net::IpAddr>,
+    /// Token bucket of the event rate limit.
+    events: TokenBucket,
+    /// Token bucket of the vote rate limit.
+    votes: TokenBucket,
+}
+
+/// A token bucket: `rate` tokens per second, at most `rate` held.
+struct TokenBucket {
     tokens: f64,
-    /// When the bucket was last refilled.
     refilled_at: u64,
+}
+
+impl TokenBucket {
+    fn full(rate: u32, now: u64) -> Self {
+        Self { tokens: f64::from(rate), refilled_at: now }
+    }
+
+    /// Refills the bucket and takes one token if there is one.
+    fn take(&mut self, rate: u32, now: u64) -> bool {
+        let rate = f64::from(rate);
+        let elapsed = now.saturating_sub(self.refilled_at) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The reflector's state machine. See the crate documentation.
@@ -106,9 +170,14 @@ pub struct Reflector {
     sessions: HashMap<SessionId, Session>,
     clients: HashMap<ClientId, ClientState>,
     persisted: HashMap<PersistentId, PersistRecord>,
+    /// Membership keys pinned to persistent ids (a cache of storage's).
+    member_keys: HashMap<PersistentId, MemberKey>,
     outputs: Vec<Output>,
     storage: Store,
     last_sync: u64,
+    /// Bytes held in memory: buffered events, snapshots, persisted documents.
+    memory: usize,
+    last_housekeeping: u64,
 }
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
@@ -123,9 +192,12 @@ impl Reflector {
             sessions: HashMap::new(),
             clients: HashMap::new(),
             persisted: HashMap::new(),
+            member_keys: HashMap::new(),
             outputs: Vec::new(),
             storage: None,
             last_sync: 0,
+            memory: 0,
+            last_housekeeping: 0,
         }
     }
 
@@ -179,10 +251,35 @@ impl Reflector {
         self.outputs.drain(..)
     }
 
-    /// A new connection. It must send `Join` first.
+    /// Bytes of events, snapshots and persisted documents held in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory
+    }
+
+    /// Whether the connection has joined a session (its membership proved).
+    pub fn has_joined(&self, client: ClientId) -> bool {
+        self.clients.get(&client).is_some_and(|c| c.session.is_some())
+    }
+
+    /// A new connection. It is sent a [`ServerMessage::Challenge`] and must answer with `Join`.
     pub fn connect(&mut self, now: u64, client: ClientId) {
-        let tokens = f64::from(self.config.max_events_per_second);
-        self.clients.insert(client, ClientState { session: None, view: ViewId(0), tokens, refilled_at: now });
+        self.connect_from(now, client, None);
+    }
+
+    /// A new connection from `origin` (its IP address), which the per-origin limits count.
+    pub fn connect_from(&mut self, now: u64, client: ClientId, origin: Option<std::net::IpAddr>) {
+        let challenge = Challenge::random();
+        let state = ClientState {
+            session: None,
+            view: ViewId(0),
+            challenge,
+            member: None,
+            origin,
+            events: TokenBucket::full(self.config.max_events_per_second, now),
+            votes: TokenBucket::full(self.config.max_votes_per_second, now),
+        };
+        self.clients.insert(client, state);
+        self.send(client, ServerMessage::Challenge(challenge));
     }
 
     /// A connection closed (or timed out). Its view leaves its session.
@@ -220,6 +317,7 @@ impl Reflector {
                     tracing::error!(session = %session.id, %error, "cannot record session time");
                 }
                 session.paused_at = Some(time);
+                session.idle_since = Some(now);
                 session.tallies.clear();
                 session.awaited_upload = None;
                 session.awaited_persist = None;
@@ -248,7 +346,8 @@ impl Reflector {
                     );
                     return;
                 }
-                if !self.take_token(now, client) {
+                let rate = self.config.max_events_per_second;
+                if !self.clients.get_mut(&client).is_some_and(|c| c.events.take(rate, now)) {
                     let limit = self.config.max_events_per_second;
                     self.send_error(
                         client,
@@ -271,6 +370,11 @@ impl Reflector {
     pub fn poll(&mut self, now: u64) {
         self.sync_storage(now);
         self.expire_leaves(now);
+        if now >= self.last_housekeeping + HOUSEKEEPING_MS {
+            self.last_housekeeping = now;
+            self.unload_idle_sessions(Some(now));
+            self.recount_memory();
+        }
         for session in self.sessions.values_mut() {
             if session.clients.is_empty() {
                 continue;
@@ -343,25 +447,51 @@ impl Reflector {
             let msg = format!("client speaks protocol {}, this reflector speaks {PROTOCOL_VERSION}", join.protocol);
             return self.close(client, error_message(ErrorCode::ProtocolVersion, msg));
         }
-        if !self.config.access.admits(&join.app_id, join.api_key.as_deref()) {
-            tracing::warn!(app_id = %join.app_id, "join refused: missing or wrong API key");
+        let (challenge, origin) = {
+            let state = &self.clients[&client];
+            (state.challenge, state.origin)
+        };
+        if !self.config.access.admits(&join.app_id, join.api_key_proof.as_ref(), &challenge) {
+            tracing::debug!(client, app_id = %join.app_id, "join refused: missing or wrong API key");
             let msg = format!("app {} is not admitted by this reflector: missing or wrong API key", join.app_id);
             return self.close(client, error_message(ErrorCode::AccessDenied, msg));
         }
+        if !membership::verify(&join.member_key, &membership::join_transcript(&challenge, &join), &join.signature) {
+            tracing::debug!(client, "join refused: the membership proof does not verify");
+            let msg = "the join's membership proof does not verify (forged, or replayed from another connection)";
+            return self.close(client, error_message(ErrorCode::AccessDenied, msg));
+        }
+        match self.pinned_member_key(&join.persistent_id, join.member_key) {
+            Ok(pinned) if pinned == join.member_key => {}
+            Ok(_) => {
+                tracing::debug!(client, persistent_id = %join.persistent_id, "join refused: wrong session password");
+                let msg = "wrong session password (this session's name was first used with another password)";
+                return self.close(client, error_message(ErrorCode::WrongPassword, msg));
+            }
+            Err(error) => {
+                tracing::error!(persistent_id = %join.persistent_id, %error, "cannot read or pin the membership key");
+                let msg = format!("the reflector cannot admit members right now: {}", error.public_reason());
+                return self.close(client, error_message(ErrorCode::Unavailable, msg));
+            }
+        }
         let tick_ms = if join.tick_ms == 0 { self.config.default_tick_ms } else { join.tick_ms.clamp(10, 30_000) };
         if !self.sessions.contains_key(&join.session_id) {
-            match self.open_session(now, &join, tick_ms) {
+            if let Err(msg) = self.room_for_session(origin) {
+                tracing::debug!(client, session = %join.session_id, "join refused: {msg}");
+                return self.close(client, error_message(ErrorCode::Full, msg));
+            }
+            match self.open_session(now, &join, tick_ms, origin) {
                 Ok(session) => {
                     self.sessions.insert(join.session_id, session);
                 }
                 Err(error) => {
                     tracing::error!(session = %join.session_id, %error, "cannot open session");
-                    let msg = format!("the reflector cannot open this session: {error}");
+                    let msg = format!("the reflector cannot open this session: {}", error.public_reason());
                     return self.close(client, error_message(ErrorCode::Unavailable, msg));
                 }
             }
         }
-        let latest_persisted_vote = self.persisted_for(&join.persistent_id).map(|p| p.vote);
+        let latest_persisted_vote = self.persisted_for(&join.persistent_id).ok().flatten().map(|p| p.vote);
         let session = self.sessions.get_mut(&join.session_id).expect("opened above");
         if session.persisted_vote.is_none() {
             session.persisted_vote = latest_persisted_vote;
@@ -370,6 +500,7 @@ impl Reflector {
             let msg = format!("view {} is already connected to this session", join.view_id);
             return self.close(client, error_message(ErrorCode::DuplicateView, msg));
         }
+        session.idle_since = None;
         if let Some(paused) = session.paused_at.take() {
             session.base_now = now;
             session.base_time = paused;
@@ -401,14 +532,8 @@ impl Reflector {
                 }
             },
         };
-        let sync = Sync {
-            time,
-            seq: session.seq,
-            tick_ms: session.tick_ms,
-            password_check: session.password_check.clone(),
-            start,
-            events,
-        };
+        let sync = Sync { time, seq: session.seq, tick_ms: session.tick_ms, start, events };
+        let damage = session.damage.clone();
         session.clients.push((client, join.view_id));
         let was_leaving = session.pending_leaves.iter().any(|(v, _)| *v == join.view_id);
         session.pending_leaves.retain(|(v, _)| *v != join.view_id);
@@ -418,26 +543,22 @@ impl Reflector {
         let state = self.clients.get_mut(&client).expect("joined client is connected");
         state.session = Some(join.session_id);
         state.view = join.view_id;
+        state.member = Some(join.member_key);
         self.send(client, ServerMessage::Sync(sync));
-    }
-
-    /// Refills the client's token bucket and takes one token if there is one.
-    fn take_token(&mut self, now: u64, client: ClientId) -> bool {
-        let rate = f64::from(self.config.max_events_per_second);
-        let Some(state) = self.clients.get_mut(&client) else { return false };
-        let elapsed = now.saturating_sub(state.refilled_at) as f64 / 1000.0;
-        state.tokens = (state.tokens + elapsed * rate).min(rate);
-        state.refilled_at = now;
-        if state.tokens >= 1.0 {
-            state.tokens -= 1.0;
-            true
-        } else {
-            false
+        if let Some(damage) = damage {
+            let msg = format!("the reflector's storage of this session was damaged: {damage}");
+            self.send_error(client, ErrorCode::DataLost, msg);
         }
     }
 
     /// Resumes a session from storage, or creates it.
-    fn open_session(&mut self, now: u64, join: &Join, tick_ms: u32) -> Result<Session, StorageError> {
+    fn open_session(
+        &mut self,
+        now: u64,
+        join: &Join,
+        tick_ms: u32,
+        origin: Option<std::net::IpAddr>,
+    ) -> Result<Session, StorageError> {
         let stored = match self.storage.as_mut() {
             Some(storage) => storage.load_session(&join.session_id)?,
             None => None,
@@ -452,7 +573,10 @@ impl Reflector {
             tick_ms,
             last_broadcast: now,
             last_mark: 0,
-            password_check: join.password_check.clone(),
+            buffered_bytes: 0,
+            damage: None,
+            opened_by: origin,
+            idle_since: None,
             initial_persisted: None,
             snapshot: None,
             events: VecDeque::new(),
@@ -468,13 +592,25 @@ impl Reflector {
         };
         match stored {
             Some(stored) => {
+                if let Some(damage) = &stored.damage {
+                    tracing::error!(session = %join.session_id, %damage, "the session's stored events are damaged");
+                    if !damage.missing_seqs.is_empty() {
+                        // Events after a gap cannot be executed without the missing ones: serving
+                        // them would hand clients a history nobody had. Refused until repaired.
+                        return Err(StorageError::Corrupt {
+                            path: std::path::PathBuf::from(join.session_id.to_string()),
+                            what: "event log",
+                            reason: damage.to_string(),
+                        });
+                    }
+                    session.damage = Some(damage.to_string());
+                }
                 // Continue after the latest time any client can have seen.
                 let time = stored.time + TIME_MARK_MS;
                 session.base_time = time;
                 session.last_mark = time;
                 session.persistent_id = stored.meta.persistent_id;
                 session.tick_ms = stored.meta.tick_ms;
-                session.password_check = stored.meta.password_check;
                 session.initial_persisted = stored.meta.initial_persisted;
                 session.seq = match (stored.events.last(), &stored.snapshot) {
                     (Some(event), _) => event.seq,
@@ -482,6 +618,7 @@ impl Reflector {
                     (None, None) => INITIAL_SEQ,
                 };
                 session.snapshot = stored.snapshot;
+                session.buffered_bytes = stored.events.iter().map(event_bytes).sum();
                 session.events = stored.events.into();
                 // Whoever was connected before the restart is gone: the next join batch tells the
                 // model who is really there.
@@ -489,12 +626,12 @@ impl Reflector {
                 tracing::info!(session = %join.session_id, time, events = session.events.len(), "session resumed from storage");
             }
             None => {
-                session.initial_persisted = self.persisted_for(&join.persistent_id);
+                // A damaged document refuses the session rather than start it without its data.
+                session.initial_persisted = self.persisted_for(&join.persistent_id)?;
                 if let Some(storage) = self.storage.as_mut() {
                     let meta = SessionMeta {
                         persistent_id: join.persistent_id,
                         tick_ms,
-                        password_check: join.password_check.clone(),
                         initial_persisted: session.initial_persisted.clone(),
                     };
                     storage.create_session(&join.session_id, &meta)?;
@@ -505,59 +642,182 @@ impl Reflector {
         Ok(session)
     }
 
-    /// The persisted data of a persistent id, from memory or storage.
-    fn persisted_for(&mut self, persistent_id: &PersistentId) -> Option<PersistRecord> {
-        if let Some(record) = self.persisted.get(persistent_id) {
-            return Some(record.clone());
+    /// The membership key pinned to `persistent_id`; when none is, pins `presented` (durably
+    /// first: a key is never admitted before it is recorded).
+    fn pinned_member_key(
+        &mut self,
+        persistent_id: &PersistentId,
+        presented: MemberKey,
+    ) -> Result<MemberKey, StorageError> {
+        if let Some(key) = self.member_keys.get(persistent_id) {
+            return Ok(*key);
         }
-        let loaded = self.storage.as_mut().map(|s| s.load_persisted(persistent_id));
+        let stored = match self.storage.as_mut() {
+            Some(storage) => storage.load_member_key(persistent_id)?.map(MemberKey),
+            None => None,
+        };
+        let key = match stored {
+            Some(key) => key,
+            None => {
+                if let Some(storage) = self.storage.as_mut() {
+                    storage.pin_member_key(persistent_id, &presented.0)?;
+                }
+                tracing::info!(%persistent_id, "membership key pinned (first use of this persistent id)");
+                presented
+            }
+        };
+        self.member_keys.insert(*persistent_id, key);
+        Ok(key)
+    }
+
+    /// Whether one more session may be loaded for a client from `origin`: unloads idle sessions
+    /// if that makes room, and says why not otherwise.
+    fn room_for_session(&mut self, origin: Option<std::net::IpAddr>) -> Result<(), String> {
+        if self.sessions.len() >= self.config.max_sessions || self.memory >= self.config.memory_budget_bytes {
+            self.unload_idle_sessions(None);
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(format!(
+                "the reflector serves its maximum of {} sessions; retry later",
+                self.config.max_sessions
+            ));
+        }
+        if self.memory >= self.config.memory_budget_bytes {
+            return Err("the reflector is at its memory budget; retry later".into());
+        }
+        if let Some(origin) = origin {
+            let opened = self.sessions.values().filter(|s| s.opened_by == Some(origin)).count();
+            if opened >= self.config.max_sessions_per_origin {
+                let limit = self.config.max_sessions_per_origin;
+                return Err(format!("too many sessions opened from this address (at most {limit} at once)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Unloads the sessions that have had no client for the idle time (all idle ones when `after`
+    /// is `None`), if there is storage to load them from again.
+    fn unload_idle_sessions(&mut self, now: Option<u64>) {
+        if self.storage.is_none() {
+            return;
+        }
+        let idle_ms = self.config.idle_unload_ms;
+        let idle: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| s.clients.is_empty() && s.pending_leaves.is_empty() && s.paused_at.is_some())
+            .filter(|s| match (now, s.idle_since) {
+                (None, _) => true,
+                (Some(now), Some(since)) => now >= since + idle_ms,
+                (Some(_), None) => false,
+            })
+            .map(|s| s.id)
+            .collect();
+        for id in idle {
+            if let Some(session) = self.sessions.remove(&id) {
+                self.memory = self.memory.saturating_sub(session.memory_bytes());
+                if let Some(storage) = self.storage.as_mut() {
+                    storage.unload_session(&id);
+                }
+                tracing::debug!(session = %id, "idle session unloaded from memory");
+            }
+        }
+    }
+
+    /// Recounts the bytes held in memory (cheap enough to run every housekeeping interval).
+    fn recount_memory(&mut self) {
+        let sessions: usize = self.sessions.values().map(Session::memory_bytes).sum();
+        let persisted: usize = self.persisted.values().map(|p| p.data.len()).sum();
+        self.memory = sessions + persisted;
+    }
+
+    /// The persisted data of a persistent id, from memory or storage. A damaged document is an
+    /// error, never "no data".
+    fn persisted_for(&mut self, persistent_id: &PersistentId) -> Result<Option<PersistRecord>, StorageError> {
+        if let Some(record) = self.persisted.get(persistent_id) {
+            return Ok(Some(record.clone()));
+        }
+        let loaded = match self.storage.as_mut() {
+            Some(storage) => storage.load_persisted(persistent_id),
+            None => Ok(None),
+        };
         match loaded {
-            Some(Ok(Some(record))) => {
+            Ok(Some(record)) => {
                 self.persisted.insert(*persistent_id, record.clone());
-                Some(record)
+                Ok(Some(record))
             }
-            Some(Err(error)) => {
+            Ok(None) => Ok(None),
+            Err(error) => {
                 tracing::error!(persistent_id = %persistent_id, %error, "cannot load persisted data");
-                None
+                Err(error)
             }
-            _ => None,
         }
     }
 
     fn stamp(&mut self, now: u64, session_id: SessionId, client: ClientId, body: EventBody) {
         let Some(session) = self.sessions.get_mut(&session_id) else { return };
-        if session.events.len() >= self.config.max_buffered_events {
-            let msg = format!("{} events are buffered; no more until a snapshot arrives", session.events.len());
+        let size = match &body {
+            EventBody::View { payload, .. } => payload.len(),
+            _ => 0,
+        };
+        let refusal = if session.events.len() >= self.config.max_buffered_events {
+            Some(format!("{} events are buffered; no more until a snapshot arrives", session.events.len()))
+        } else if session.buffered_bytes + size > self.config.max_buffered_bytes {
+            Some(format!("{} bytes of events are buffered; no more until a snapshot arrives", session.buffered_bytes))
+        } else if self.memory + size > self.config.memory_budget_bytes {
+            Some("the reflector is at its memory budget; event dropped".to_string())
+        } else {
+            None
+        };
+        if let Some(msg) = refusal {
             self.outputs.push(Output::Send {
                 client,
                 message: Arc::new(ServerMessage::Error(error_message(ErrorCode::BufferFull, msg))),
             });
             return;
         }
+        let before = session.buffered_bytes;
         if let Err(error) = broadcast_event(session, now, body, &mut self.storage, &mut self.outputs) {
             tracing::error!(session = %session_id, %error, "event not recorded; refused");
-            let msg = format!("the reflector could not record the event: {error}");
+            let msg = format!("the reflector could not record the event: {}", error.public_reason());
             self.outputs.push(Output::Send {
                 client,
                 message: Arc::new(ServerMessage::Error(error_message(ErrorCode::Unavailable, msg))),
             });
             return;
         }
+        self.memory += session.buffered_bytes - before;
         let len = session.events.len();
-        if len >= self.config.request_snapshot_at && session.requested_at.is_none_or(|at| len >= at + 1000) {
+        let half_full = session.buffered_bytes >= self.config.max_buffered_bytes / 2;
+        if (len >= self.config.request_snapshot_at || half_full)
+            && session.requested_at.is_none_or(|at| len >= at + 1000)
+        {
             session.requested_at = Some(len);
             let _ = broadcast_event(session, now, EventBody::SnapshotRequest, &mut self.storage, &mut self.outputs);
         }
     }
 
     fn vote(&mut self, now: u64, session_id: SessionId, client: ClientId, vote: HashVote) {
-        let view = self.clients[&client].view;
+        let rate = self.config.max_votes_per_second;
+        let Some(state) = self.clients.get_mut(&client) else { return };
+        if !state.votes.take(rate, now) {
+            tracing::debug!(client, "vote ignored: more than {rate} votes per second");
+            return;
+        }
+        let view = state.view;
         let window = self.config.tally_window_ms;
         let Some(session) = self.sessions.get_mut(&session_id) else { return };
         if vote.purpose == VotePurpose::Snapshot && session.snapshot.as_ref().is_some_and(|s| s.time > vote.time) {
             return; // older than what we hold: nothing to decide
         }
+        if vote.time > session.time(now) || vote.parts.len() > self.config.limits.max_vote_parts {
+            return; // a point the session has not reached, or an oversized vote: not a replica's
+        }
         let key = (vote.purpose, vote.time, vote.seq);
+        if !session.tallies.contains_key(&key) && session.tallies.len() >= self.config.max_open_tallies {
+            tracing::debug!(client, "vote ignored: {} tallies already open", session.tallies.len());
+            return;
+        }
         let tally =
             session.tallies.entry(key).or_insert_with(|| TallyState { votes: Vec::new(), deadline: now + window });
         if tally.votes.iter().any(|(v, _, _)| *v == view) {
@@ -571,6 +831,13 @@ impl Reflector {
 
     fn upload(&mut self, session_id: SessionId, client: ClientId, record: SnapshotRecord) {
         let view = self.clients[&client].view;
+        let signed = self.clients[&client].member.is_some_and(|member| {
+            membership::verify(&member, &membership::snapshot_transcript(&session_id, &record), &record.signature)
+        });
+        if !signed {
+            tracing::debug!(client, "snapshot upload ignored: its signature does not verify");
+            return;
+        }
         let limit = self.config.limits.max_snapshot_bytes;
         let Some(session) = self.sessions.get_mut(&session_id) else { return };
         if record.data.len() > limit {
@@ -589,7 +856,9 @@ impl Reflector {
         }
         session.awaited_upload = None;
         while session.events.front().is_some_and(|e| seq_le(e.seq, record.seq)) {
-            session.events.pop_front();
+            if let Some(event) = session.events.pop_front() {
+                session.buffered_bytes = session.buffered_bytes.saturating_sub(event_bytes(&event));
+            }
         }
         session.requested_at = None;
         let (time, seq) = (record.time, record.seq);
@@ -607,12 +876,18 @@ impl Reflector {
     fn persist(&mut self, session_id: SessionId, client: ClientId, record: PersistRecord) {
         let limit = self.config.limits.max_persist_bytes;
         let view = self.clients[&client].view;
+        let member = self.clients[&client].member;
         if record.data.len() > limit {
             let msg = format!("persisted data of {} bytes exceeds {limit} bytes", record.data.len());
             self.send_error(client, ErrorCode::TooLarge, msg);
             return;
         }
         let Some(session) = self.sessions.get_mut(&session_id) else { return };
+        let transcript = membership::persist_transcript(&session.persistent_id, &record);
+        if !member.is_some_and(|member| membership::verify(&member, &transcript, &record.signature)) {
+            tracing::debug!(client, "persisted-data upload ignored: its signature does not verify");
+            return;
+        }
         let expected = session
             .awaited_persist
             .as_ref()
@@ -628,7 +903,8 @@ impl Reflector {
             && let Err(error) = storage.store_persisted(&persistent_id, &record)
         {
             tracing::error!(%persistent_id, %error, "cannot store persisted data");
-            self.send_error(client, ErrorCode::Unavailable, format!("persisted data not stored: {error}"));
+            let msg = format!("persisted data not stored: {}", error.public_reason());
+            self.send_error(client, ErrorCode::Unavailable, msg);
             return;
         }
         self.persisted.insert(persistent_id, record);
@@ -680,6 +956,7 @@ fn broadcast_event(
         storage.append_events(&session.id, std::slice::from_ref(&event))?;
     }
     session.seq = event.seq;
+    session.buffered_bytes += event_bytes(&event);
     session.events.push_back(event.clone());
     session.last_broadcast = now;
     let message = Arc::new(ServerMessage::Event(event));
@@ -703,6 +980,11 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
         group.views.sort();
     }
     groups.sort_by(|a, b| b.views.len().cmp(&a.views.len()).then(a.vote.cmp(&b.vote)));
+    if groups.len() == 1 {
+        // The part hashes only serve to name what differs between groups: with one group there is
+        // nothing to name, and echoing them would amplify every vote to every client.
+        groups[0].parts.clear();
+    }
     let wanted = match (purpose, groups.first()) {
         (_, None) => false,
         (VotePurpose::Snapshot, Some(_)) => {

@@ -18,7 +18,7 @@ use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
 
 enum Inbound {
     Connect(ClientId, Sender<Arc<ServerMessage>>),
-    Message(ClientId, ClientMessage),
+    Message(ClientId, Box<ClientMessage>),
     Disconnect(ClientId),
     Shutdown,
 }
@@ -51,7 +51,7 @@ pub struct InProcessConnection {
 impl InProcessConnection {
     /// Sends a message to the reflector. Returns `false` once the reflector is gone.
     pub fn send(&self, message: ClientMessage) -> bool {
-        !self.closed && self.inbox.send(Inbound::Message(self.id, message)).is_ok()
+        !self.closed && self.inbox.send(Inbound::Message(self.id, Box::new(message))).is_ok()
     }
 
     /// The next message from the reflector, if one is waiting. `Err` once the connection is
@@ -98,7 +98,7 @@ impl Hub {
                 self.clients.insert(id, tx);
                 self.core.connect(now, id);
             }
-            Inbound::Message(id, message) => self.core.handle(now, id, message),
+            Inbound::Message(id, message) => self.core.handle(now, id, *message),
             Inbound::Disconnect(id) => {
                 self.clients.remove(&id);
                 self.core.disconnect(now, id);

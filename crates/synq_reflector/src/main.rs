@@ -4,7 +4,9 @@
 //! synq-reflector --listen 127.0.0.1:5800 --data-dir ./synq-data
 //! ```
 //!
-//! Once bound it prints `synq-reflector listening on udp://ADDR` on stdout. Logs go to stderr; `RUST_LOG` filters them (default `info`). Ctrl-C or SIGTERM stops it
+//! Once bound it prints `synq-reflector listening on udp://ADDR` on stdout. Logs go to stderr; `RUST_LOG` filters them (default `info,renetcode=off`: renetcode logs one error per
+//! packet it refuses, which anyone can turn into gigabytes of logs; those errors are counted and
+//! reported as one line every 10 s instead). Ctrl-C or SIGTERM stops it
 //! gracefully: every client is told [`ErrorCode::ShuttingDown`], then it exits with status 0.
 //! A second signal exits at once.
 //!
@@ -33,8 +35,14 @@ use synq_reflector::{AccessControl, ReflectorConfig};
 
 mod persisted_cli;
 use synq_reflector::server::{
-    DEFAULT_LISTEN, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT, UdpReflector, UdpReflectorConfig,
+    DEFAULT_JOIN_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT,
+    UdpReflector, UdpReflectorConfig, netcode_error_counter,
 };
+use tracing_subscriber::prelude::*;
+
+/// The log filter when `RUST_LOG` is not set: renetcode's per-packet errors are counted, not
+/// printed.
+const DEFAULT_LOG_FILTER: &str = "info,renetcode=off";
 
 /// The bevy_synq reflector: orders, stamps and relays encrypted events; never runs game code.
 #[derive(Parser, Debug)]
@@ -70,6 +78,29 @@ struct Args {
     /// Most events one client may send per second; more are refused.
     #[arg(long, default_value_t = 60)]
     max_events_per_second: u32,
+    /// A connection that has not joined a session (proved its membership) within this many ms is
+    /// closed.
+    #[arg(long, default_value_t = DEFAULT_JOIN_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    join_timeout_ms: u64,
+    /// Most simultaneous connections from one IP address; more are disconnected at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_IP as u64, value_parser = clap::value_parser!(u64).range(1..=MAX_CLIENTS_LIMIT as u64))]
+    max_connections_per_ip: u64,
+    /// Most sessions held in memory; joins that would load more are refused (idle ones are
+    /// unloaded first).
+    #[arg(long, default_value_t = ReflectorConfig::default().max_sessions)]
+    max_sessions: usize,
+    /// Most sessions opened from one IP address and held in memory at once.
+    #[arg(long, default_value_t = ReflectorConfig::default().max_sessions_per_origin)]
+    max_sessions_per_origin: usize,
+    /// A session without clients is unloaded from memory after this many ms (it stays on disk).
+    #[arg(long, default_value_t = ReflectorConfig::default().idle_unload_ms)]
+    idle_unload_ms: u64,
+    /// Most MiB of events one session may buffer between snapshots.
+    #[arg(long, default_value_t = ReflectorConfig::default().max_buffered_bytes >> 20)]
+    max_session_buffer_mib: usize,
+    /// Most MiB of events, snapshots and persisted data held in memory over all sessions.
+    #[arg(long, default_value_t = ReflectorConfig::default().memory_budget_bytes >> 20)]
+    memory_budget_mib: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -91,10 +122,15 @@ fn parse_api_key(text: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(filter),
+        )
+        .with(netcode_error_counter())
         .init();
     let args = Args::parse();
     if let Some(Command::Persisted { action }) = args.command {
@@ -135,10 +171,17 @@ fn main() -> ExitCode {
             default_tick_ms: args.tick_ms,
             max_events_per_second: args.max_events_per_second,
             access,
+            max_sessions: args.max_sessions,
+            max_sessions_per_origin: args.max_sessions_per_origin,
+            idle_unload_ms: args.idle_unload_ms,
+            max_buffered_bytes: args.max_session_buffer_mib << 20,
+            memory_budget_bytes: args.memory_budget_mib << 20,
             ..ReflectorConfig::default()
         },
         data_dir: Some(args.data_dir.clone()),
         frame_flush: Duration::from_micros(args.frame_flush_us),
+        join_timeout: Duration::from_millis(args.join_timeout_ms),
+        max_connections_per_ip: args.max_connections_per_ip as usize,
     };
     let mut reflector = match UdpReflector::bind(config) {
         Ok(reflector) => reflector,

@@ -93,7 +93,14 @@ fn import(target: &Target, file: &PathBuf) -> Result<(), String> {
     let json = synq_protocol::canonical_json::canonicalize(text.trim().as_bytes()).map_err(|e| e.to_string())?;
     let (mut storage, persistent, key) = target.open()?;
     let data = key.seal(SealKind::Persisted, &Binding::Persistent(persistent), &json);
-    let record = PersistRecord { time: 0, vote: key.vote_digest(&sha256(&json)), data };
+    let pinned = storage.load_member_key(&persistent).map_err(|e| e.to_string())?;
+    if pinned.is_some_and(|pinned| pinned != key.member_key().0) {
+        return Err("wrong session password: this persistent id is pinned to another password".into());
+    }
+    let vote = key.vote_digest(&sha256(&json));
+    let mut record =
+        PersistRecord { time: 0, vote, data, signature: synq_protocol::membership::MemberSignature::EMPTY };
+    synq_protocol::membership::sign_persist(&key, &persistent, &mut record);
     storage.store_persisted(&persistent, &record).map_err(|e| e.to_string())?;
     eprintln!("imported {} bytes of persisted data for {}/{}", json.len(), target.app_id, target.name);
     Ok(())

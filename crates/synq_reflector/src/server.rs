@@ -29,9 +29,20 @@
 //! and it answers in the iteration that received a message: no frame of latency is added, only
 //! the wake-up and the work of one iteration. See `tests/udp_process.rs` (`ping_round_trip`).
 //! (On non-Unix systems it sleeps instead of waiting for readability.)
+//!
+//! # Hostile traffic
+//!
+//! Every datagram passes [`synq_protocol::netcode_guard`] before netcode sees it (netcode's own
+//! parser panics on some malformed datagrams). Two limits bound what anyone with a UDP socket can
+//! hold: a connection that has not joined within [`UdpReflectorConfig::join_timeout`] is closed
+//! (otherwise a few silent connections hold every slot of `max_clients`), and an address may hold
+//! at most [`UdpReflectorConfig::max_connections_per_ip`] connections. Dropped datagrams and
+//! refused or expired connections are counted and logged at most once per cause every 10 s; the
+//! binary also silences renetcode's one-error-per-packet logging and counts it instead
+//! ([`netcode_error_counter`]).
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,7 +50,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetServer, SendType, ServerEvent};
 use renet_netcode::{ServerAuthentication, ServerConfig};
 
+mod log_limit;
 mod transport;
+pub use log_limit::netcode_error_counter;
+use log_limit::{LogLimit, REPORT_EVERY};
 use synq_protocol::codec::{self, DecodeError};
 use synq_protocol::wire::{ErrorCode, ErrorMessage, ServerMessage};
 use transport::Transport;
@@ -110,7 +124,19 @@ pub struct UdpReflectorConfig {
     /// Queued frames are flushed to the socket at most this often, so that at high rates several
     /// share a datagram per connection; zero flushes at once (lowest latency, most datagrams).
     pub frame_flush: Duration,
+    /// A connection that has not joined a session (proved its membership) within this time is
+    /// closed, so that idle connections cannot hold the slots of `max_clients` (default 5 s).
+    pub join_timeout: Duration,
+    /// Most simultaneous connections from one IP address; a connection beyond it is disconnected
+    /// at once (default 16; zero refuses everyone).
+    pub max_connections_per_ip: usize,
 }
+
+/// The default [`UdpReflectorConfig::join_timeout`].
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default [`UdpReflectorConfig::max_connections_per_ip`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
 
 impl Default for UdpReflectorConfig {
     fn default() -> Self {
@@ -122,6 +148,8 @@ impl Default for UdpReflectorConfig {
             reflector: ReflectorConfig::default(),
             data_dir: None,
             frame_flush: FRAME_FLUSH,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
         }
     }
 }
@@ -166,6 +194,9 @@ pub struct UdpReflector {
     last_flush: Instant,
     last_ack_flush: Instant,
     last_maintain: Instant,
+    /// Sessions held in memory at the last check, to give memory back once sessions unloaded.
+    sessions_held: usize,
+    last_trim: Instant,
     /// Connections with frames queued since the last flush.
     dirty: std::collections::HashSet<u64>,
     frame_flush: Duration,
@@ -177,6 +208,13 @@ pub struct UdpReflector {
     /// Connections closed by the reflector, waiting for their final error to be acknowledged,
     /// with the time at which they are dropped anyway.
     closing: HashMap<u64, Instant>,
+    /// Connections, with the time by which they must have joined a session.
+    join_deadline: HashMap<u64, Instant>,
+    join_timeout: Duration,
+    /// The address of every admitted connection, and how many each address holds.
+    ip_of: HashMap<u64, IpAddr>,
+    per_ip: HashMap<IpAddr, usize>,
+    max_connections_per_ip: usize,
 }
 
 /// How often acks are flushed when nothing else is sent.
@@ -240,7 +278,7 @@ impl UdpReflector {
             // Unsecure: no connect tokens, no transport encryption (payloads are sealed end to end).
             authentication: ServerAuthentication::Unsecure,
         };
-        let transport = Transport::new(netcode, socket).map_err(bind_error)?;
+        let transport = Transport::new(netcode, socket, LogLimit::new(REPORT_EVERY)).map_err(bind_error)?;
         let core = match &config.data_dir {
             Some(dir) => Reflector::with_storage(config.reflector, Box::new(DiskStorage::open(dir)?)),
             None => Reflector::new(config.reflector),
@@ -260,12 +298,19 @@ impl UdpReflector {
             last_flush: now,
             last_ack_flush: now,
             last_maintain: now,
+            sessions_held: 0,
+            last_trim: now,
             dirty: Default::default(),
             frame_flush: config.frame_flush,
             by_renet: HashMap::new(),
             by_core: HashMap::new(),
             next_client: 1,
             closing: HashMap::new(),
+            join_deadline: HashMap::new(),
+            join_timeout: config.join_timeout,
+            ip_of: HashMap::new(),
+            per_ip: HashMap::new(),
+            max_connections_per_ip: config.max_connections_per_ip,
         })
     }
 
@@ -306,12 +351,18 @@ impl UdpReflector {
         if maintain {
             self.last_maintain = now;
         }
-        let received =
-            self.transport.update(dt, &mut self.server, maintain).map_err(|e| ServerError::Transport(e.to_string()));
+        let received = self
+            .transport
+            .update(now, dt, &mut self.server, maintain)
+            .map_err(|e| ServerError::Transport(e.to_string()));
         let t = self.millis(now);
-        self.handle_events(t);
+        self.handle_events(t, now);
         self.receive(t, now);
+        if maintain {
+            self.expire_joins(t, now);
+        }
         self.core.poll(t);
+        self.release_memory(now);
         self.dispatch(t, now);
         self.finish_closing(now);
         // Flush at once when there is something to deliver; otherwise only every ACK_FLUSH, so
@@ -359,7 +410,7 @@ impl UdpReflector {
             let dt = now.saturating_duration_since(self.last_update);
             self.last_update = now;
             self.server.update(dt);
-            let _ = self.transport.update(dt, &mut self.server, true);
+            let _ = self.transport.update(now, dt, &mut self.server, true);
             for renet in self.server.clients_id() {
                 while self.server.receive_message(renet, CHANNEL).is_some() {}
             }
@@ -369,6 +420,9 @@ impl UdpReflector {
         self.by_renet.clear();
         self.by_core.clear();
         self.closing.clear();
+        self.join_deadline.clear();
+        self.ip_of.clear();
+        self.per_ip.clear();
     }
 
     /// Waits until a datagram arrives or [`UdpReflectorConfig::idle_sleep`] passed.
@@ -399,20 +453,41 @@ impl UdpReflector {
         !self.server.is_connected(renet) || self.server.channel_available_memory(renet, CHANNEL) == CHANNEL_MEMORY_BYTES
     }
 
-    fn handle_events(&mut self, t: u64) {
+    fn handle_events(&mut self, t: u64, now: Instant) {
         while let Some(event) = self.server.get_event() {
             match event {
                 ServerEvent::ClientConnected { client_id: renet } => {
+                    let addr = self.transport.client_addr(renet);
+                    if let Some(ip) = addr.map(|addr| addr.ip()) {
+                        let held = self.per_ip.entry(ip).or_default();
+                        if *held >= self.max_connections_per_ip {
+                            // Never admitted: its disconnection event finds no mapping.
+                            self.transport.log.record("connections refused (per-address limit)", ip, now);
+                            self.server.disconnect(renet);
+                            continue;
+                        }
+                        *held += 1;
+                        self.ip_of.insert(renet, ip);
+                    }
                     let client = self.next_client;
                     self.next_client += 1;
-                    let addr = self.transport.client_addr(renet);
                     tracing::info!(client, netcode_id = renet, ?addr, "connected");
                     self.by_renet.insert(renet, client);
                     self.by_core.insert(client, renet);
-                    self.core.connect(t, client);
+                    self.join_deadline.insert(renet, now + self.join_timeout);
+                    self.core.connect_from(t, client, addr.map(|addr| addr.ip()));
                 }
                 ServerEvent::ClientDisconnected { client_id: renet, reason } => {
                     self.closing.remove(&renet);
+                    self.join_deadline.remove(&renet);
+                    if let Some(ip) = self.ip_of.remove(&renet)
+                        && let Some(held) = self.per_ip.get_mut(&ip)
+                    {
+                        *held -= 1;
+                        if *held == 0 {
+                            self.per_ip.remove(&ip);
+                        }
+                    }
                     if let Some(client) = self.by_renet.remove(&renet) {
                         tracing::info!(client, netcode_id = renet, %reason, "disconnected");
                         self.by_core.remove(&client);
@@ -519,6 +594,42 @@ impl UdpReflector {
         }
         self.closing.insert(renet, now + CLOSE_GRACE);
         self.core.disconnect(t, client);
+    }
+
+    /// Gives the memory of unloaded sessions back to the operating system: glibc keeps freed heap
+    /// memory for reuse, so without this a reflector's footprint stays at its peak.
+    fn release_memory(&mut self, now: Instant) {
+        let held = self.core.session_count();
+        if held < self.sessions_held {
+            if now.saturating_duration_since(self.last_trim) < Duration::from_secs(1) {
+                return; // at most once a second: trimming walks the heap
+            }
+            self.last_trim = now;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only returns free heap memory to the system; no pointer is touched.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+        self.sessions_held = held;
+    }
+
+    /// Closes the connections that sent nothing within [`UdpReflectorConfig::join_timeout`].
+    fn expire_joins(&mut self, t: u64, now: Instant) {
+        let expired: Vec<u64> =
+            self.join_deadline.iter().filter(|(_, deadline)| now >= **deadline).map(|(renet, _)| *renet).collect();
+        for renet in expired {
+            self.join_deadline.remove(&renet);
+            let Some(&client) = self.by_renet.get(&renet) else { continue };
+            if self.core.has_joined(client) {
+                continue;
+            }
+            if let Some(&ip) = self.ip_of.get(&renet) {
+                self.transport.log.record("connections closed for sending no Join in time", ip, now);
+            }
+            let message = format!("no Join within {} ms", self.join_timeout.as_millis());
+            self.close(t, now, client, ErrorMessage { code: ErrorCode::NotJoined, message });
+        }
     }
 
     fn finish_closing(&mut self, now: Instant) {

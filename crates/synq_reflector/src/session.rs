@@ -1,7 +1,6 @@
 //! The state of one session inside the reflector.
 
 use std::collections::{BTreeMap, VecDeque};
-use synq_protocol::crypto::Sealed;
 use synq_protocol::ids::{Hash32, PersistentId, SessionId, ViewId};
 use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent, VotePurpose};
 
@@ -45,7 +44,14 @@ pub(crate) struct Session {
     pub last_broadcast: u64,
     /// Session time last recorded in storage.
     pub last_mark: SessionTime,
-    pub password_check: Sealed,
+    /// Bytes of the buffered events (payloads and a fixed overhead each).
+    pub buffered_bytes: usize,
+    /// What storage reported lost when the session was loaded, told to every joiner.
+    pub damage: Option<String>,
+    /// Where the client that made the reflector open (or load) the session comes from.
+    pub opened_by: Option<std::net::IpAddr>,
+    /// Reflector clock at which the session was left without clients.
+    pub idle_since: Option<u64>,
     /// The persisted data this session started from: every fresh start gets this one.
     pub initial_persisted: Option<PersistRecord>,
     pub snapshot: Option<SnapshotRecord>,
@@ -77,5 +83,23 @@ impl Session {
 
     pub fn has_view(&self, view: ViewId) -> bool {
         self.clients.iter().any(|(_, v)| *v == view)
+    }
+
+    /// Bytes this session holds in memory: buffered events, the snapshot, the initial data.
+    pub fn memory_bytes(&self) -> usize {
+        self.buffered_bytes
+            + self.snapshot.as_ref().map_or(0, |s| s.data.len())
+            + self.initial_persisted.as_ref().map_or(0, |p| p.data.len())
+    }
+}
+
+/// What one buffered event counts against the buffer and memory limits: its payload and a fixed
+/// overhead for the rest.
+pub(crate) fn event_bytes(event: &StampedEvent) -> usize {
+    const OVERHEAD: usize = 64;
+    match &event.body {
+        synq_protocol::wire::EventBody::View { payload, .. } => OVERHEAD + payload.len(),
+        synq_protocol::wire::EventBody::Users { joined, left, .. } => OVERHEAD + 8 * (joined.len() + left.len()),
+        synq_protocol::wire::EventBody::SnapshotRequest => OVERHEAD,
     }
 }

@@ -1,26 +1,55 @@
 //! Where the reflector keeps what it must not lose: per session the latest snapshot, the events
-//! since, and the session's clock; per persistent id the persisted data.
+//! since, and the session's clock; per persistent id the persisted data and the pinned membership
+//! key.
 //!
 //! [`Storage`] is the seam: [`MemoryStorage`] keeps nothing across restarts (tests, solo play);
 //! [`DiskStorage`] is the embedded default of the `synq-reflector` binary. An object store can
 //! implement the same trait.
 //!
-//! Durability contract: an event is appended before it is broadcast, so an event any client has
-//! seen survives a crash of the reflector process (`kill -9`): the append has reached the
-//! operating system. Snapshots, session metadata and persisted data are written atomically
-//! (temporary file, fsync, rename, fsync of the directory), so a crash leaves the old or the new
-//! version, never a torn one. The event log is fsynced on [`Storage::sync`] (the server calls it
-//! periodically); a power loss may lose what was appended since.
+//! Durability contract:
+//!
+//! - An event is appended before it is broadcast, so an event any client has seen survives a
+//!   crash of the reflector process (`kill -9`): the append has reached the operating system.
+//!   The event log is fsynced on [`Storage::sync`] (the server calls it periodically); a power
+//!   loss may lose what was appended since.
+//! - Snapshots, session metadata, persisted data and membership keys are written atomically
+//!   (temporary file, fsync, rename, fsync of the directory), so a crash leaves the old or the
+//!   new version, never a torn one. So is every rewrite of an event log.
+//! - The session clock never goes backwards across a restart: storage keeps the latest time it
+//!   recorded for a session (events' times and clock marks), through snapshot writes too, and
+//!   [`StoredSession::time`] is at least that.
+//!
+//! Damage rules (a disk, a file system or an operator can damage what was written):
+//!
+//! - Every file and every log record carries a checksum. A damaged snapshot, metadata,
+//!   persisted-data or membership-key file is never loaded and never taken for "no data": it is
+//!   reported as [`StorageError::Corrupt`], left in place, and a copy of it is kept beside it
+//!   (`<name>.damaged-<checksum>`) for an operator.
+//! - A damaged event log loses only what is damaged: damaged records are skipped, the reader
+//!   resynchronises at the next intact record, and every intact record is kept. A log with a
+//!   damaged header, or with no intact record (cut short, empty or missing while the session's
+//!   metadata exists), is damaged too. The damaged file is never truncated or rewritten in
+//!   place: a copy is kept beside it, then the recovered content replaces it atomically. What
+//!   was lost is reported in [`StoredSession::damage`].
+//! - The only damage a crash can cause is a torn tail: the last record of the log cut short at
+//!   the end of the file while it was appended, so never acknowledged. It is cut off (by an
+//!   atomic rewrite) and logged, not reported as damage.
+//! - [`StorageError`]'s `Display` names files, for the server's log; clients get
+//!   [`StorageError::public_reason`] and [`StorageDamage`]'s `Display`, which name none.
+
+mod disk;
+mod log;
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use synq_protocol::crypto::Sealed;
-use synq_protocol::ids::{PersistentId, SessionId, hash_parts};
+use synq_protocol::ids::{PersistentId, SessionId};
 use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent};
+
+pub use disk::DiskStorage;
 
 /// A failure of the storage backend.
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +62,27 @@ pub enum StorageError {
         /// The error.
         source: io::Error,
     },
-    /// A stored file is damaged (bad checksum, truncated, undecodable). It was not loaded.
-    #[error("stored file {path} is corrupt ({reason}); it was not loaded")]
+    /// A stored file is damaged (bad checksum, truncated, undecodable). It was not loaded; it was
+    /// left in place, and a copy of it kept beside it.
+    #[error("stored {what} {path} is corrupt ({reason}); it was not loaded and was left in place")]
     Corrupt {
         /// The file.
         path: PathBuf,
+        /// What the file holds ("snapshot", "persisted data", …).
+        what: &'static str,
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl StorageError {
+    /// What went wrong, for clients: the kind of failure without server paths or OS details.
+    pub fn public_reason(&self) -> String {
+        match self {
+            StorageError::Io { source, .. } => format!("the reflector's storage failed ({})", source.kind()),
+            StorageError::Corrupt { what, reason, .. } => format!("the stored {what} is damaged ({reason})"),
+        }
+    }
 }
 
 /// What a session needs to be resumed.
@@ -50,8 +92,6 @@ pub struct SessionMeta {
     pub persistent_id: PersistentId,
     /// Its heartbeat period.
     pub tick_ms: u32,
-    /// The first client's password check token.
-    pub password_check: Sealed,
     /// The persisted data the session started from (what every fresh start of it must get, even
     /// after newer data was persisted).
     pub initial_persisted: Option<PersistRecord>,
@@ -64,15 +104,79 @@ pub struct StoredSession {
     pub meta: SessionMeta,
     /// Its latest snapshot.
     pub snapshot: Option<SnapshotRecord>,
-    /// Every event after the snapshot, in order.
+    /// Every intact event after the snapshot, in order (events the snapshot covers are left out).
+    /// After damage there may be gaps: see [`StorageDamage::missing_seqs`].
     pub events: Vec<StampedEvent>,
-    /// The latest session time recorded (events and clock marks).
+    /// The latest session time recorded (the snapshot's, events' and clock marks'). After damage
+    /// the lost records may have held a later one.
     pub time: SessionTime,
+    /// What the session lost to a damaged event log; `None` if nothing.
+    pub damage: Option<StorageDamage>,
+}
+
+/// What a session lost to a damaged event log, as found when it was loaded.
+///
+/// The session's clients must be told: the reflector no longer holds what it names, and the
+/// session clock it recorded may be behind what they saw. `Display` describes it without server
+/// paths, for clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageDamage {
+    /// The log's header was missing or damaged (an empty or missing log's included).
+    pub header_damaged: bool,
+    /// The log held no intact record: every event and clock mark it held is lost.
+    pub log_lost: bool,
+    /// Damaged stretches of the log skipped; each held at least one record.
+    pub records_skipped: u32,
+    /// Bytes skipped (a damaged header's included).
+    pub bytes_skipped: u64,
+    /// Event sequence numbers missing before or between the recovered events, as inclusive
+    /// ranges `(first, last)`, counted from the snapshot's (without a snapshot, from the first
+    /// event recovered). Events lost after the last recovered one cannot be named.
+    pub missing_seqs: Vec<(u32, u32)>,
+}
+
+/// How many missing ranges the description names.
+const NAMED_RANGES: usize = 4;
+
+impl fmt::Display for StorageDamage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if self.log_lost {
+            parts.push("it held no intact record: the events since the latest snapshot are lost".to_string());
+        } else if self.header_damaged {
+            parts.push("its header was damaged".to_string());
+        }
+        if self.records_skipped > 0 {
+            parts.push(format!(
+                "{} damaged stretch(es) of records ({} bytes) were skipped",
+                self.records_skipped, self.bytes_skipped
+            ));
+        }
+        if !self.missing_seqs.is_empty() {
+            let named: Vec<String> = self
+                .missing_seqs
+                .iter()
+                .take(NAMED_RANGES)
+                .map(|&(first, last)| if first == last { format!("{first}") } else { format!("{first}..={last}") })
+                .collect();
+            let more = self.missing_seqs.len().saturating_sub(NAMED_RANGES);
+            let more = if more > 0 { format!(" and {more} more ranges") } else { String::new() };
+            parts.push(format!("events with sequence numbers {}{more} are missing", named.join(", ")));
+        }
+        write!(
+            f,
+            "the reflector's stored event log of this session was damaged: {}; the session clock it recorded may be \
+             behind",
+            parts.join("; ")
+        )
+    }
 }
 
 /// The reflector's storage backend.
 pub trait Storage: Send {
-    /// Loads a session, or `None` if it was never stored.
+    /// Loads a session, or `None` if it was never stored. A damaged event log is recovered (see
+    /// the module documentation) and what was lost reported in [`StoredSession::damage`]; other
+    /// damaged files of the session are errors.
     fn load_session(&mut self, session: &SessionId) -> Result<Option<StoredSession>, StorageError>;
     /// Records a new session's metadata.
     fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError>;
@@ -81,19 +185,28 @@ pub trait Storage: Send {
     /// Records that session time reached `time` (so that time continues across restarts).
     fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError>;
     /// Replaces the session's snapshot and drops the logged events it covers (`remaining` are the
-    /// events after it).
+    /// events after it). The latest time recorded for the session is kept.
     fn store_snapshot(
         &mut self,
         session: &SessionId,
         snapshot: &SnapshotRecord,
         remaining: &[StampedEvent],
     ) -> Result<(), StorageError>;
-    /// Loads the persisted data of a persistent id.
+    /// Loads the persisted data of a persistent id. A damaged file is an error, never `None`.
     fn load_persisted(&mut self, persistent_id: &PersistentId) -> Result<Option<PersistRecord>, StorageError>;
     /// Replaces the persisted data of a persistent id.
     fn store_persisted(&mut self, persistent_id: &PersistentId, record: &PersistRecord) -> Result<(), StorageError>;
+    /// The membership key pinned to a persistent id (the verifying key of the session password's
+    /// signing key pair), if one was pinned. A damaged file is an error, never `None`.
+    fn load_member_key(&mut self, persistent_id: &PersistentId) -> Result<Option<[u8; 32]>, StorageError>;
+    /// Pins the membership key of a persistent id; written durably before the first member is
+    /// admitted.
+    fn pin_member_key(&mut self, persistent_id: &PersistentId, key: &[u8; 32]) -> Result<(), StorageError>;
     /// Makes everything appended so far durable.
     fn sync(&mut self) -> Result<(), StorageError>;
+    /// The reflector unloaded the session from memory: release what is held open for it (its
+    /// state stays stored and is loaded again by [`Storage::load_session`]).
+    fn unload_session(&mut self, _session: &SessionId) {}
 }
 
 /// Keeps everything in memory: nothing survives the process. For tests and solo play.
@@ -101,6 +214,7 @@ pub trait Storage: Send {
 pub struct MemoryStorage {
     sessions: HashMap<SessionId, StoredSession>,
     persisted: HashMap<PersistentId, PersistRecord>,
+    member_keys: HashMap<PersistentId, [u8; 32]>,
 }
 
 impl Storage for MemoryStorage {
@@ -109,16 +223,16 @@ impl Storage for MemoryStorage {
     }
 
     fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError> {
-        self.sessions
-            .insert(*session, StoredSession { meta: meta.clone(), snapshot: None, events: Vec::new(), time: 0 });
+        let stored = StoredSession { meta: meta.clone(), snapshot: None, events: Vec::new(), time: 0, damage: None };
+        self.sessions.insert(*session, stored);
         Ok(())
     }
 
     fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError> {
         if let Some(stored) = self.sessions.get_mut(session) {
             stored.events.extend_from_slice(events);
-            if let Some(last) = events.last() {
-                stored.time = stored.time.max(last.time);
+            if let Some(last) = events.iter().map(|e| e.time).max() {
+                stored.time = stored.time.max(last);
             }
         }
         Ok(())
@@ -140,6 +254,7 @@ impl Storage for MemoryStorage {
         if let Some(stored) = self.sessions.get_mut(session) {
             stored.snapshot = Some(snapshot.clone());
             stored.events = remaining.to_vec();
+            stored.time = stored.time.max(snapshot.time);
         }
         Ok(())
     }
@@ -153,228 +268,16 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), StorageError> {
-        Ok(())
-    }
-}
-
-/// A data directory on local disk.
-///
-/// ```text
-/// <dir>/sessions/<session id>/meta.bin       session metadata          (atomic replace)
-/// <dir>/sessions/<session id>/snapshot.bin   latest snapshot           (atomic replace)
-/// <dir>/sessions/<session id>/events.log     events since, clock marks (append; rewritten atomically with a snapshot)
-/// <dir>/persisted/<persistent id>.bin        persisted data            (atomic replace)
-/// ```
-///
-/// Every file and every log record carries a checksum (the first 8 bytes of SHA-256); a damaged
-/// file is reported as [`StorageError::Corrupt`] and not loaded. A damaged *tail* of an event log
-/// (a record cut short by a crash while it was being written, so never acknowledged) is reported
-/// in the log and cut off.
-pub struct DiskStorage {
-    root: PathBuf,
-    logs: HashMap<SessionId, File>,
-}
-
-const FILE_MAGIC: &[u8; 8] = b"SYNQSTR1";
-
-#[derive(Serialize, Deserialize)]
-enum LogRecord {
-    Event(StampedEvent),
-    Mark(SessionTime),
-}
-
-/// Log records as written: length (u32 LE), checksum, postcard body — each.
-fn encode_records(records: &[LogRecord]) -> Vec<u8> {
-    let mut buffer = Vec::new();
-    for record in records {
-        let body = postcard::to_allocvec(record).expect("log records encode");
-        buffer.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        buffer.extend_from_slice(&checksum(&body));
-        buffer.extend_from_slice(&body);
-    }
-    buffer
-}
-
-fn checksum(bytes: &[u8]) -> [u8; 8] {
-    let hash = hash_parts(&[bytes]);
-    hash[..8].try_into().expect("8 bytes")
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io { path: path.to_path_buf(), source }
-}
-
-fn corrupt(path: &Path, reason: impl Into<String>) -> StorageError {
-    StorageError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
-}
-
-/// Writes `value` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
-fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StorageError> {
-    let body = postcard::to_allocvec(value).map_err(|e| corrupt(path, format!("cannot encode: {e}")))?;
-    let dir = path.parent().expect("storage paths have a parent");
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-        file.write_all(FILE_MAGIC).map_err(io_err(&tmp))?;
-        file.write_all(&checksum(&body)).map_err(io_err(&tmp))?;
-        file.write_all(&body).map_err(io_err(&tmp))?;
-        file.sync_all().map_err(io_err(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-    Ok(())
-}
-
-/// Reads a file written by [`write_atomic`]; `None` if it does not exist.
-fn read_checked<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StorageError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    if bytes.len() < 16 || &bytes[..8] != FILE_MAGIC {
-        return Err(corrupt(path, "missing header (truncated or not a bevy_synq file)"));
-    }
-    let body = &bytes[16..];
-    if bytes[8..16] != checksum(body) {
-        return Err(corrupt(path, "checksum mismatch"));
-    }
-    postcard::from_bytes(body).map(Some).map_err(|e| corrupt(path, format!("undecodable: {e}")))
-}
-
-impl DiskStorage {
-    /// Opens (creating if needed) a data directory.
-    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
-        let root = root.into();
-        for dir in [root.join("sessions"), root.join("persisted")] {
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        Ok(Self { root, logs: HashMap::new() })
+    fn load_member_key(&mut self, persistent_id: &PersistentId) -> Result<Option<[u8; 32]>, StorageError> {
+        Ok(self.member_keys.get(persistent_id).copied())
     }
 
-    fn session_dir(&self, session: &SessionId) -> PathBuf {
-        self.root.join("sessions").join(session.to_string())
-    }
-
-    fn log(&mut self, session: &SessionId) -> Result<&mut File, StorageError> {
-        if !self.logs.contains_key(session) {
-            let path = self.session_dir(session).join("events.log");
-            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-            self.logs.insert(*session, file);
-        }
-        Ok(self.logs.get_mut(session).expect("inserted above"))
-    }
-
-    fn append(&mut self, session: &SessionId, records: &[LogRecord]) -> Result<(), StorageError> {
-        let buffer = encode_records(records);
-        let path = self.session_dir(session).join("events.log");
-        self.log(session)?.write_all(&buffer).map_err(io_err(&path))
-    }
-
-    /// Reads a log, cutting off a damaged tail.
-    fn read_log(path: &Path) -> Result<(Vec<StampedEvent>, SessionTime), StorageError> {
-        let mut bytes = Vec::new();
-        match File::open(path) {
-            Ok(mut file) => {
-                file.read_to_end(&mut bytes).map_err(io_err(path))?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
-            Err(e) => return Err(io_err(path)(e)),
-        }
-        let (mut events, mut time, mut at) = (Vec::new(), 0, 0usize);
-        while at < bytes.len() {
-            let good = (|| {
-                let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-                let sum = bytes.get(at + 4..at + 12)?;
-                let body = bytes.get(at + 12..at + 12 + len)?;
-                (sum == checksum(body))
-                    .then(|| postcard::from_bytes::<LogRecord>(body).ok())
-                    .flatten()
-                    .map(|r| (r, 12 + len))
-            })();
-            match good {
-                Some((LogRecord::Event(event), used)) => {
-                    time = time.max(event.time);
-                    events.push(event);
-                    at += used;
-                }
-                Some((LogRecord::Mark(mark), used)) => {
-                    time = time.max(mark);
-                    at += used;
-                }
-                None => {
-                    tracing::warn!(path = %path.display(), offset = at, dropped = bytes.len() - at, "damaged tail of an event log cut off");
-                    let file = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-                    file.set_len(at as u64).map_err(io_err(path))?;
-                    break;
-                }
-            }
-        }
-        Ok((events, time))
-    }
-}
-
-impl Storage for DiskStorage {
-    fn load_session(&mut self, session: &SessionId) -> Result<Option<StoredSession>, StorageError> {
-        let dir = self.session_dir(session);
-        let Some(meta) = read_checked::<SessionMeta>(&dir.join("meta.bin"))? else { return Ok(None) };
-        let snapshot = read_checked::<SnapshotRecord>(&dir.join("snapshot.bin"))?;
-        let (events, logged) = Self::read_log(&dir.join("events.log"))?;
-        let time = logged.max(snapshot.as_ref().map_or(0, |s| s.time));
-        Ok(Some(StoredSession { meta, snapshot, events, time }))
-    }
-
-    fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError> {
-        write_atomic(&self.session_dir(session).join("meta.bin"), meta)
-    }
-
-    fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError> {
-        let records: Vec<LogRecord> = events.iter().cloned().map(LogRecord::Event).collect();
-        self.append(session, &records)
-    }
-
-    fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError> {
-        self.append(session, &[LogRecord::Mark(time)])
-    }
-
-    fn store_snapshot(
-        &mut self,
-        session: &SessionId,
-        snapshot: &SnapshotRecord,
-        remaining: &[StampedEvent],
-    ) -> Result<(), StorageError> {
-        let dir = self.session_dir(session);
-        write_atomic(&dir.join("snapshot.bin"), snapshot)?;
-        // Rewrite the log with only what the snapshot does not cover.
-        self.logs.remove(session);
-        let tmp = dir.join("events.log.tmp");
-        {
-            let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-            let records: Vec<LogRecord> =
-                remaining.iter().cloned().map(LogRecord::Event).chain([LogRecord::Mark(snapshot.time)]).collect();
-            file.write_all(&encode_records(&records)).map_err(io_err(&tmp))?;
-            file.sync_all().map_err(io_err(&tmp))?;
-        }
-        let log = dir.join("events.log");
-        fs::rename(&tmp, &log).map_err(io_err(&log))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
+    fn pin_member_key(&mut self, persistent_id: &PersistentId, key: &[u8; 32]) -> Result<(), StorageError> {
+        self.member_keys.insert(*persistent_id, *key);
         Ok(())
     }
 
-    fn load_persisted(&mut self, persistent_id: &PersistentId) -> Result<Option<PersistRecord>, StorageError> {
-        read_checked(&self.root.join("persisted").join(format!("{persistent_id}.bin")))
-    }
-
-    fn store_persisted(&mut self, persistent_id: &PersistentId, record: &PersistRecord) -> Result<(), StorageError> {
-        write_atomic(&self.root.join("persisted").join(format!("{persistent_id}.bin")), record)
-    }
-
     fn sync(&mut self) -> Result<(), StorageError> {
-        for (session, file) in &self.logs {
-            file.sync_data().map_err(|source| StorageError::Io { path: PathBuf::from(session.to_string()), source })?;
-        }
         Ok(())
     }
 }
@@ -382,103 +285,68 @@ impl Storage for DiskStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use synq_protocol::crypto::Sealed;
     use synq_protocol::ids::ViewId;
+    use synq_protocol::membership::MemberSignature;
     use synq_protocol::wire::EventBody;
 
-    pub(crate) fn temp_dir(name: &str) -> PathBuf {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "synq-storage-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn sealed(byte: u8) -> Sealed {
-        Sealed { nonce: [byte; 24], ciphertext: vec![byte; 40] }
-    }
-
     fn event(seq: u32, time: u64) -> StampedEvent {
-        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), payload: sealed(seq as u8) } }
+        let payload = Sealed { nonce: [seq as u8; 24], ciphertext: vec![seq as u8; 40] };
+        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), payload } }
     }
 
     const S: SessionId = SessionId([4; 32]);
 
-    fn meta() -> SessionMeta {
-        SessionMeta {
-            persistent_id: PersistentId([5; 32]),
-            tick_ms: 50,
-            password_check: sealed(1),
-            initial_persisted: None,
+    #[test]
+    fn memory_storage_keeps_the_latest_time_through_a_snapshot() {
+        let mut storage = MemoryStorage::default();
+        let meta = SessionMeta { persistent_id: PersistentId([5; 32]), tick_ms: 50, initial_persisted: None };
+        storage.create_session(&S, &meta).unwrap();
+        storage.append_events(&S, &[event(1, 2_000)]).unwrap();
+        storage.mark_time(&S, 3_014).unwrap();
+        let data = Sealed { nonce: [9; 24], ciphertext: vec![9; 8] };
+        let snapshot = SnapshotRecord { time: 2_100, seq: 1, vote: [7; 32], data, signature: MemberSignature::EMPTY };
+        storage.store_snapshot(&S, &snapshot, &[]).unwrap();
+        let stored = storage.load_session(&S).unwrap().unwrap();
+        assert_eq!((stored.time, stored.events.len(), stored.damage), (3_014, 0, None));
+    }
+
+    #[test]
+    fn public_reasons_name_no_paths() {
+        let path = PathBuf::from("/srv/synq-data/persisted/secret-id.bin");
+        let corrupt =
+            StorageError::Corrupt { path: path.clone(), what: "persisted data", reason: "checksum mismatch".into() };
+        assert_eq!(corrupt.public_reason(), "the stored persisted data is damaged (checksum mismatch)");
+        let io = StorageError::Io { path, source: io::Error::from(io::ErrorKind::PermissionDenied) };
+        assert_eq!(io.public_reason(), "the reflector's storage failed (permission denied)");
+        for error in [corrupt, io] {
+            assert!(error.to_string().contains("/srv/synq-data"), "the server's log names the file: {error}");
+            assert!(!error.public_reason().contains('/'), "{}", error.public_reason());
         }
     }
 
     #[test]
-    fn a_session_survives_reopening_the_directory() {
-        let dir = temp_dir("reopen");
-        let mut storage = DiskStorage::open(&dir).unwrap();
-        storage.create_session(&S, &meta()).unwrap();
-        storage.append_events(&S, &[event(1, 10), event(2, 20)]).unwrap();
-        let snapshot = SnapshotRecord { time: 20, seq: 2, vote: [7; 32], data: sealed(9) };
-        storage.store_snapshot(&S, &snapshot, &[]).unwrap();
-        storage.append_events(&S, &[event(3, 30)]).unwrap();
-        storage.mark_time(&S, 75).unwrap();
-        let persisted = PersistRecord { time: 5, vote: [8; 32], data: sealed(2) };
-        storage.store_persisted(&PersistentId([5; 32]), &persisted).unwrap();
-        drop(storage);
-
-        let mut storage = DiskStorage::open(&dir).unwrap();
-        let stored = storage.load_session(&S).unwrap().expect("stored");
-        assert_eq!(stored.meta, meta());
-        assert_eq!(stored.snapshot, Some(snapshot));
-        assert_eq!(stored.events, vec![event(3, 30)]);
-        assert_eq!(stored.time, 75);
-        assert_eq!(storage.load_persisted(&PersistentId([5; 32])).unwrap(), Some(persisted));
-        assert!(storage.load_session(&SessionId([9; 32])).unwrap().is_none());
-        let _ = fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn a_corrupt_file_is_reported_not_loaded() {
-        let dir = temp_dir("corrupt");
-        let mut storage = DiskStorage::open(&dir).unwrap();
-        storage.create_session(&S, &meta()).unwrap();
-        let snapshot = SnapshotRecord { time: 20, seq: 2, vote: [7; 32], data: sealed(9) };
-        storage.store_snapshot(&S, &snapshot, &[]).unwrap();
-        let path = dir.join("sessions").join(S.to_string()).join("snapshot.bin");
-        let mut bytes = fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xFF;
-        fs::write(&path, &bytes).unwrap();
-        assert!(matches!(storage.load_session(&S), Err(StorageError::Corrupt { .. })));
-        fs::write(&path, &bytes[..10]).unwrap();
-        let error = storage.load_session(&S).unwrap_err();
-        assert!(error.to_string().contains("corrupt"), "{error}");
-        let _ = fs::remove_dir_all(dir);
-    }
-
-    #[test]
-    fn a_torn_log_tail_is_cut_off_and_the_rest_kept() {
-        let dir = temp_dir("torn");
-        let mut storage = DiskStorage::open(&dir).unwrap();
-        storage.create_session(&S, &meta()).unwrap();
-        storage.append_events(&S, &[event(1, 10), event(2, 20)]).unwrap();
-        drop(storage);
-        let log = dir.join("sessions").join(S.to_string()).join("events.log");
-        let mut file = OpenOptions::new().append(true).open(&log).unwrap();
-        file.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap(); // a record cut short
-        drop(file);
-        let mut storage = DiskStorage::open(&dir).unwrap();
-        let stored = storage.load_session(&S).unwrap().unwrap();
-        assert_eq!(stored.events, vec![event(1, 10), event(2, 20)]);
-        // Appending after the cut works, and the file is clean again.
-        storage.append_events(&S, &[event(3, 30)]).unwrap();
-        drop(storage);
-        let stored = DiskStorage::open(&dir).unwrap().load_session(&S).unwrap().unwrap();
-        assert_eq!(stored.events.len(), 3);
-        let _ = fs::remove_dir_all(dir);
+    fn damage_is_described_without_paths() {
+        let damage = StorageDamage {
+            header_damaged: false,
+            log_lost: false,
+            records_skipped: 1,
+            bytes_skipped: 84,
+            missing_seqs: vec![(17, 17), (20, 22)],
+        };
+        assert_eq!(
+            damage.to_string(),
+            "the reflector's stored event log of this session was damaged: 1 damaged stretch(es) of records (84 bytes) \
+             were skipped; events with sequence numbers 17, 20..=22 are missing; the session clock it recorded may be \
+             behind"
+        );
+        let lost = StorageDamage {
+            header_damaged: true,
+            log_lost: true,
+            records_skipped: 0,
+            bytes_skipped: 0,
+            missing_seqs: vec![],
+        };
+        assert!(lost.to_string().contains("no intact record"), "{lost}");
     }
 }

@@ -2,73 +2,25 @@
 //! stamping and broadcast, a malformed client is cut off without harming the session, the round
 //! trip the server loop adds, and graceful shutdown on SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use renet::RenetClient;
 use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
 use synq_protocol::codec;
-use synq_protocol::crypto::Sealed;
+use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
+use synq_protocol::membership::{self, MemberSignature};
 use synq_protocol::wire::{ClientMessage, ErrorCode, EventBody, Join, ServerMessage, StampedEvent};
 use synq_protocol::{Limits, PROTOCOL_VERSION};
 use synq_reflector::server::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
 
+mod common;
+use common::ReflectorProcess;
+
 /// Every wait in these tests gives up after this long.
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A `synq-reflector` process on a free loopback port; killed when dropped.
-struct ReflectorProcess {
-    child: Child,
-    addr: SocketAddr,
-    data_dir: std::path::PathBuf,
-}
-
-impl ReflectorProcess {
-    fn start(name: &str, extra: &[&str]) -> Self {
-        let data_dir = std::env::temp_dir().join(format!("synq-udp-{name}-{}", std::process::id()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_synq-reflector"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the synq-reflector binary starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            lines.for_each(drop); // keep the pipe open and drained
-        });
-        let line = match rx.recv_timeout(TIMEOUT) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("synq-reflector did not report its address");
-            }
-        };
-        let addr = line.rsplit("udp://").next().and_then(|a| a.trim().parse().ok());
-        let addr = addr.unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        assert!(data_dir.is_dir(), "the data directory was not created");
-        Self { child, addr, data_dir }
-    }
-}
-
-impl Drop for ReflectorProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
-    }
-}
 
 /// A bare renet client speaking the codec.
 struct RawClient {
@@ -133,6 +85,16 @@ impl RawClient {
         self.send_raw(codec::encode_client(message));
     }
 
+    /// Answers the reflector's challenge with `join`, signed.
+    fn join(&mut self, mut join: Join) {
+        let challenge = self.wait_for("Challenge", |m| match m {
+            ServerMessage::Challenge(challenge) => Some(*challenge),
+            _ => None,
+        });
+        membership::sign_join(&key(), &challenge, &mut join);
+        self.send(&ClientMessage::Join(join));
+    }
+
     fn send_raw(&mut self, frame: Vec<u8>) {
         self.client.send_message(CHANNEL, frame);
         let _ = self.transport.send_packets(&mut self.client);
@@ -178,18 +140,24 @@ impl RawClient {
     }
 }
 
-fn join(view: u64) -> ClientMessage {
-    ClientMessage::Join(Join {
+/// The key of the tests' session password.
+fn key() -> SessionKey {
+    SessionKey::from_master(&[5; 32])
+}
+
+fn join(view: u64) -> Join {
+    Join {
         protocol: PROTOCOL_VERSION,
         app_id: "io.bevy-synq.tests".into(),
-        api_key: None,
+        api_key_proof: None,
         session_id: SessionId([7; 32]),
         persistent_id: PersistentId([8; 32]),
         view_id: ViewId(view),
         tick_ms: 50,
-        password_check: Sealed { nonce: [1; 24], ciphertext: vec![2; 32] },
         resume_after: None,
-    })
+        member_key: key().member_key(),
+        signature: MemberSignature::EMPTY,
+    }
 }
 
 fn event(payload: &[u8]) -> ClientMessage {
@@ -221,9 +189,9 @@ fn events_are_stamped_and_broadcast_and_garbage_only_hurts_its_sender() {
     let reflector = ReflectorProcess::start("broadcast", &[]);
     let mut a = RawClient::connect(reflector.addr, 1);
     let mut b = RawClient::connect(reflector.addr, 2);
-    a.send(&join(1));
+    a.join(join(1));
     a.wait_for("a's Sync", synced);
-    b.send(&join(2));
+    b.join(join(2));
     b.wait_for("b's Sync", synced);
 
     a.send(&event(b"hello"));
@@ -246,7 +214,7 @@ fn events_are_stamped_and_broadcast_and_garbage_only_hurts_its_sender() {
     garbage.wait_disconnected();
 
     let mut joined_garbage = RawClient::connect(reflector.addr, 4);
-    joined_garbage.send(&join(4));
+    joined_garbage.join(join(4));
     joined_garbage.wait_for("Sync", synced);
     let mut frame = codec::encode_client(&event(b"x"));
     frame.truncate(frame.len() - 3); // right header, truncated body
@@ -293,7 +261,7 @@ fn ping_round_trip() {
 fn sigterm_tells_clients_and_exits_cleanly() {
     let mut reflector = ReflectorProcess::start("sigterm", &[]);
     let mut client = RawClient::connect(reflector.addr, 20);
-    client.send(&join(20));
+    client.join(join(20));
     client.wait_for("Sync", synced);
     let pid = reflector.child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
@@ -321,7 +289,7 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     let reflector = ReflectorProcess::start("large", &[]);
     let mut uploader = RawClient::connect(reflector.addr, 30);
     uploader.timeout = Duration::from_secs(60);
-    uploader.send(&join(30));
+    uploader.join(join(30));
     uploader.wait_for("Sync", synced);
     let data: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     // The reflector only accepts the upload it asked for: vote first (alone, so the tally closes
@@ -335,7 +303,9 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     };
     uploader.send(&ClientMessage::HashVote(vote));
     uploader.wait_for("Tally", |m| matches!(m, ServerMessage::Tally(t) if t.uploader.is_some()).then_some(()));
-    let record = PersistRecord { time: 0, vote: [9; 32], data: Sealed { nonce: [4; 24], ciphertext: data.clone() } };
+    let data_sealed = Sealed { nonce: [4; 24], ciphertext: data.clone() };
+    let mut record = PersistRecord { time: 0, vote: [9; 32], data: data_sealed, signature: MemberSignature::EMPTY };
+    membership::sign_persist(&key(), &PersistentId([8; 32]), &mut record);
     let start = Instant::now();
     uploader.send(&ClientMessage::PersistUpload(record));
     let mut accepted = |m: &ServerMessage| matches!(m, ServerMessage::PersistAccepted { .. }).then_some(());
@@ -346,9 +316,9 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     let mut joiner = RawClient::connect(reflector.addr, 31);
     joiner.timeout = Duration::from_secs(60);
     // A new session of the same persistent id (new model code) starts from the persisted data.
-    let ClientMessage::Join(mut new_version) = join(31) else { unreachable!() };
+    let mut new_version = join(31);
     new_version.session_id = SessionId([9; 32]);
-    joiner.send(&ClientMessage::Join(new_version));
+    joiner.join(new_version);
     let persisted = joiner.wait_for("Sync", |m| match m {
         ServerMessage::Sync(sync) => match &sync.start {
             SyncStart::Fresh { persisted } => Some(persisted.clone()),

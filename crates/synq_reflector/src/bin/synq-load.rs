@@ -47,8 +47,9 @@ use clap::Parser;
 use renet::RenetClient;
 use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
 use synq_protocol::codec;
-use synq_protocol::crypto::Sealed;
+use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
+use synq_protocol::membership::{self, Challenge, MemberSignature};
 use synq_protocol::wire::{
     ClientMessage, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, VotePurpose,
 };
@@ -247,18 +248,23 @@ impl LoadClient {
         })
     }
 
-    fn join_message(&self) -> ClientMessage {
-        ClientMessage::Join(Join {
+    /// The join answering `challenge`, signed with the load's session key.
+    fn join_message(&self, challenge: &Challenge) -> ClientMessage {
+        let key = load_key();
+        let mut join = Join {
             protocol: PROTOCOL_VERSION,
             app_id: "io.bevy-synq.load".into(),
-            api_key: None,
+            api_key_proof: None,
             session_id: self.session,
             persistent_id: PersistentId(self.session.0),
             view_id: self.view,
             tick_ms: 50,
-            password_check: Sealed { nonce: [1; 24], ciphertext: vec![2; 32] },
             resume_after: None,
-        })
+            member_key: key.member_key(),
+            signature: MemberSignature::EMPTY,
+        };
+        membership::sign_join(key, challenge, &mut join);
+        ClientMessage::Join(join)
     }
 
     fn send(&mut self, message: &ClientMessage) {
@@ -318,10 +324,16 @@ impl LoadClient {
                     let mut ciphertext = vec![0; 1024];
                     self.rng.fill(&mut ciphertext);
                     let vote = tally.groups.first().map(|g| g.vote).unwrap_or([0; 32]);
-                    let record =
-                        SnapshotRecord { time: tally.time, seq: tally.seq, vote, data: Sealed { nonce, ciphertext } };
+                    let data = Sealed { nonce, ciphertext };
+                    let signature = MemberSignature::EMPTY;
+                    let mut record = SnapshotRecord { time: tally.time, seq: tally.seq, vote, data, signature };
+                    membership::sign_snapshot(load_key(), &self.session, &mut record);
                     self.send(&ClientMessage::SnapshotUpload(record));
                     stats.snapshots_uploaded += 1;
+                }
+                ServerMessage::Challenge(challenge) => {
+                    let join = self.join_message(&challenge);
+                    self.send(&join);
                 }
                 ServerMessage::Sync(_) => self.synced = true,
                 ServerMessage::Error(e) => *stats.errors.entry(format!("{:?}", e.code)).or_default() += 1,
@@ -498,11 +510,7 @@ fn client_thread(
         for client in &mut clients {
             client.update(&mut stats);
             if client.renet.is_connected() && !client.synced {
-                if client.sent == 0 {
-                    let join = client.join_message();
-                    client.send(&join);
-                    client.sent = 1; // marks "Join sent" until the load starts
-                }
+                // The join leaves in answer to the reflector's challenge.
                 client.receive(&shared, 0, &mut stats, &limits);
             }
             client.flush(&mut stats);
@@ -684,6 +692,12 @@ fn udp_counters() -> Option<[u64; 3]> {
 
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The session key of every load session (one password; the reflector pins its member key).
+fn load_key() -> &'static SessionKey {
+    static KEY: std::sync::OnceLock<SessionKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| SessionKey::from_master(&[0x10; 32]))
 }
 
 fn sleep_until(t: Instant) {

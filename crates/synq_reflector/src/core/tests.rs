@@ -1,6 +1,7 @@
 //! Tests of the sans-IO reflector core.
 use super::*;
-use synq_protocol::crypto::Sealed;
+use synq_protocol::crypto::{Sealed, SessionKey};
+use synq_protocol::membership::MemberSignature;
 
 const SESSION: SessionId = SessionId([1; 32]);
 
@@ -8,18 +9,62 @@ fn sealed(n: usize) -> Sealed {
     Sealed { nonce: [0; 24], ciphertext: vec![7; n] }
 }
 
-fn join(view: u64) -> ClientMessage {
-    ClientMessage::Join(Join {
+/// The key of the session's password in these tests.
+fn key() -> SessionKey {
+    SessionKey::from_master(&[9; 32])
+}
+
+/// A join of `view`, to be signed with [`signed`].
+fn join(view: u64) -> Join {
+    Join {
         protocol: PROTOCOL_VERSION,
         app_id: "io.example.test".into(),
-        api_key: None,
+        api_key_proof: None,
         session_id: SESSION,
         persistent_id: PersistentId([2; 32]),
         view_id: ViewId(view),
         tick_ms: 50,
-        password_check: sealed(16),
         resume_after: None,
-    })
+        member_key: key().member_key(),
+        signature: MemberSignature::EMPTY,
+    }
+}
+
+fn snapshot(time: u64, seq: u32, vote: [u8; 32], data: Sealed) -> SnapshotRecord {
+    let mut record = SnapshotRecord { time, seq, vote, data, signature: MemberSignature::EMPTY };
+    membership::sign_snapshot(&key(), &SESSION, &mut record);
+    record
+}
+
+fn persist_record(time: u64, vote: [u8; 32], data: Sealed) -> PersistRecord {
+    let mut record = PersistRecord { time, vote, data, signature: MemberSignature::EMPTY };
+    membership::sign_persist(&key(), &PersistentId([2; 32]), &mut record);
+    record
+}
+
+/// Connects `client` and returns the challenge the reflector sent it.
+fn connect(r: &mut Reflector, now: u64, client: ClientId) -> Challenge {
+    r.connect(now, client);
+    let is_challenge = |o: &Output| matches!(o, Output::Send { client: c, message } if *c == client && matches!(**message, ServerMessage::Challenge(_)));
+    assert!(r.outputs.iter().any(is_challenge), "every connection is sent a challenge");
+    r.outputs.retain(|o| !is_challenge(o));
+    r.clients[&client].challenge
+}
+
+/// `join` signed by `key` for `challenge`.
+fn signed_by(key: &SessionKey, challenge: &Challenge, mut join: Join) -> ClientMessage {
+    membership::sign_join(key, challenge, &mut join);
+    ClientMessage::Join(join)
+}
+
+fn signed(challenge: &Challenge, join: Join) -> ClientMessage {
+    signed_by(&key(), challenge, join)
+}
+
+/// Connects `client` and sends its signed join of `join`.
+fn connect_and_join(r: &mut Reflector, now: u64, client: ClientId, join: Join) {
+    let challenge = connect(r, now, client);
+    r.handle(now, client, signed(&challenge, join));
 }
 
 fn sent(r: &mut Reflector) -> Vec<(ClientId, ServerMessage)> {
@@ -42,8 +87,7 @@ fn events(out: &[(ClientId, ServerMessage)], client: ClientId) -> Vec<StampedEve
 }
 
 fn joined(r: &mut Reflector, now: u64, client: ClientId, view: u64) -> Sync {
-    r.connect(now, client);
-    r.handle(now, client, join(view));
+    connect_and_join(r, now, client, join(view));
     let out = sent(r);
     match out.iter().find(|(c, _)| *c == client) {
         Some((_, ServerMessage::Sync(sync))) => sync.clone(),
@@ -93,12 +137,10 @@ fn joins_and_leaves_are_batched_and_cancel_out() {
     joined(&mut r, 50, 2, 20);
     r.disconnect(100, 2);
     // Back within the leave delay: view 20 never left.
-    r.connect(600, 3);
-    r.handle(600, 3, join(20));
+    connect_and_join(&mut r, 600, 3, join(20));
     r.poll(2000);
     let mut out = sent(&mut r);
-    r.connect(2000, 4);
-    r.handle(2000, 4, join(40));
+    connect_and_join(&mut r, 2000, 4, join(40));
     r.disconnect(2050, 4); // gone for good
     for now in [2100, 2300, 3400, 3700] {
         r.poll(now);
@@ -141,7 +183,7 @@ fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
     assert_eq!(tally.groups.len(), 1);
     assert_eq!(tally.uploader, Some(ViewId(20)), "the first voter uploads");
     // An upload by someone else is ignored.
-    let record = SnapshotRecord { time: 400, seq: covered, vote: [9; 32], data: sealed(100) };
+    let record = snapshot(400, covered, [9; 32], sealed(100));
     r.handle(403, 1, ClientMessage::SnapshotUpload(record.clone()));
     assert!(r.snapshot(&SESSION).is_none());
     r.handle(403, 2, ClientMessage::SnapshotUpload(record));
@@ -231,19 +273,18 @@ fn a_tally_closes_after_its_window_without_every_vote() {
 #[test]
 fn bad_clients_get_clear_errors() {
     let mut r = Reflector::new(ReflectorConfig::default());
-    r.connect(0, 1);
+    connect(&mut r, 0, 1);
     r.handle(0, 1, ClientMessage::Event(sealed(8)));
     assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::NotJoined));
 
-    r.connect(0, 2);
-    let ClientMessage::Join(mut old) = join(5) else { unreachable!() };
+    let challenge = connect(&mut r, 0, 2);
+    let mut old = join(5);
     old.protocol = 99;
-    r.handle(0, 2, ClientMessage::Join(old));
+    r.handle(0, 2, signed(&challenge, old));
     assert!(matches!(&sent(&mut r)[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::ProtocolVersion));
 
     joined(&mut r, 0, 3, 30);
-    r.connect(0, 4);
-    r.handle(0, 4, join(30));
+    connect_and_join(&mut r, 0, 4, join(30));
     assert!(matches!(&sent(&mut r)[..], [(4, ServerMessage::Error(e))] if e.code == ErrorCode::DuplicateView));
 
     r.handle(0, 3, ClientMessage::Event(sealed(20_000)));
@@ -317,22 +358,26 @@ fn api_keys_admit_only_their_app() {
     let mut keys = HashMap::new();
     keys.insert("io.example.test".to_string(), vec!["k1".to_string()]);
     let mut r = Reflector::new(ReflectorConfig { access: AccessControl::ApiKeys(keys), ..Default::default() });
-    r.connect(0, 1);
-    r.handle(0, 1, join(10));
+    connect_and_join(&mut r, 0, 1, join(10));
     let out = sent(&mut r);
     assert!(
         matches!(&out[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied && e.message.contains("API key"))
     );
-    let ClientMessage::Join(mut with_key) = join(11) else { unreachable!() };
-    with_key.api_key = Some("k1".into());
-    r.connect(0, 2);
-    r.handle(0, 2, ClientMessage::Join(with_key.clone()));
+    let challenge = connect(&mut r, 0, 2);
+    let mut with_key = join(11);
+    with_key.api_key_proof = Some(membership::api_key_proof("k1", &challenge, "io.example.test"));
+    r.handle(0, 2, signed(&challenge, with_key.clone()));
     assert!(sent(&mut r).iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Sync(_))));
-    with_key.api_key = Some("k2".into());
+    // The right key's proof for another connection's challenge: a replay, refused.
     with_key.view_id = ViewId(12);
-    r.connect(0, 3);
-    r.handle(0, 3, ClientMessage::Join(with_key));
+    let challenge = connect(&mut r, 0, 3);
+    r.handle(0, 3, signed(&challenge, with_key.clone()));
     assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied));
+    // A wrong key's proof: refused.
+    let challenge = connect(&mut r, 0, 4);
+    with_key.api_key_proof = Some(membership::api_key_proof("k2", &challenge, "io.example.test"));
+    r.handle(0, 4, signed(&challenge, with_key));
+    assert!(matches!(&sent(&mut r)[..], [(4, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied));
 }
 
 #[test]
@@ -359,7 +404,7 @@ fn every_fresh_start_of_a_session_gets_the_persisted_data_it_started_with() {
     let mut r = Reflector::new(ReflectorConfig::default());
     // Data persisted by an earlier session of the same persistent id.
     joined(&mut r, 0, 1, 10);
-    let old = PersistRecord { time: 0, vote: [1; 32], data: sealed(10) };
+    let old = persist_record(0, [1; 32], sealed(10));
     r.handle(
         0,
         1,
@@ -374,15 +419,14 @@ fn every_fresh_start_of_a_session_gets_the_persisted_data_it_started_with() {
     r.handle(0, 1, ClientMessage::PersistUpload(old.clone()));
     assert_eq!(r.persisted(&PersistentId([2; 32])), Some(&old));
     // A new session (other code) of the same persistent id starts from it...
-    let ClientMessage::Join(mut new_code) = join(20) else { unreachable!() };
+    let mut new_code = join(20);
     new_code.session_id = SessionId([3; 32]);
-    r.connect(10, 2);
-    r.handle(10, 2, ClientMessage::Join(new_code.clone()));
+    connect_and_join(&mut r, 10, 2, new_code.clone());
     let first = sent(&mut r);
     assert!(first.iter().any(|(c, m)| *c == 2
         && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()) })));
     // ...then persists newer data before any snapshot exists.
-    let newer = PersistRecord { time: 5, vote: [2; 32], data: sealed(11) };
+    let newer = persist_record(5, [2; 32], sealed(11));
     r.handle(
         20,
         2,
@@ -399,12 +443,280 @@ fn every_fresh_start_of_a_session_gets_the_persisted_data_it_started_with() {
     // A late joiner replays the session from its start: it must get the data the session
     // started from, not the newer one, or its init would differ.
     new_code.view_id = ViewId(30);
-    r.connect(30, 3);
-    r.handle(30, 3, ClientMessage::Join(new_code));
+    connect_and_join(&mut r, 30, 3, new_code);
     let late = sent(&mut r);
     assert!(
         late.iter().any(|(c, m)| *c == 3
             && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()) })),
         "{late:?}"
     );
+}
+
+#[test]
+fn a_wrong_password_is_refused_at_join_and_never_reaches_the_session() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 0, 1, 10);
+    sent(&mut r);
+    let intruder = SessionKey::from_master(&[66; 32]);
+    let challenge = connect(&mut r, 10, 2);
+    r.handle(10, 2, signed_by(&intruder, &challenge, join(20)));
+    // Anything it sends after the refused join is ignored by the driver; the core never joined it.
+    r.handle(10, 2, ClientMessage::Event(sealed(8)));
+    r.poll(1000);
+    let out = sent(&mut r);
+    assert!(
+        out.iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::WrongPassword)),
+        "{out:?}"
+    );
+    assert!(!out.iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Sync(_))), "a non-member got a sync");
+    let seen = events(&out, 1);
+    assert!(seen.iter().all(|e| !matches!(&e.body, EventBody::Users { joined, .. } if joined.contains(&ViewId(20)))));
+    assert!(seen.iter().all(|e| !matches!(&e.body, EventBody::View { .. })), "a non-member's event was stamped");
+}
+
+#[test]
+fn squatting_a_new_session_of_a_pinned_persistent_id_is_refused() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 0, 1, 10);
+    // A new code version (another session id) of the same persistent id, another password.
+    let mut squat = join(20);
+    squat.session_id = SessionId([42; 32]);
+    let challenge = connect(&mut r, 10, 2);
+    r.handle(10, 2, signed_by(&SessionKey::from_master(&[66; 32]), &challenge, squat.clone()));
+    assert!(matches!(&sent(&mut r)[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::WrongPassword));
+    assert_eq!(r.session_count(), 1, "the squatter created no session");
+    // The right password still opens it.
+    connect_and_join(&mut r, 20, 3, squat);
+    assert!(sent(&mut r).iter().any(|(c, m)| *c == 3 && matches!(m, ServerMessage::Sync(_))));
+}
+
+#[test]
+fn forged_and_replayed_joins_are_refused() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    // Forged: the right member key, a signature by another key.
+    let challenge = connect(&mut r, 0, 1);
+    let ClientMessage::Join(mut forged) = signed_by(&SessionKey::from_master(&[66; 32]), &challenge, join(10)) else {
+        unreachable!()
+    };
+    forged.member_key = key().member_key();
+    r.handle(0, 1, ClientMessage::Join(forged));
+    assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied));
+    // Replayed: a genuine join recorded on one connection, sent on another.
+    let challenge = connect(&mut r, 0, 2);
+    let genuine = signed(&challenge, join(20));
+    r.handle(0, 2, genuine.clone());
+    assert!(sent(&mut r).iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Sync(_))));
+    r.disconnect(10, 2);
+    connect(&mut r, 20, 3);
+    r.handle(20, 3, genuine);
+    assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::AccessDenied));
+}
+
+#[test]
+fn uploads_must_carry_a_members_signature() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 0, 1, 10);
+    r.handle(0, 1, ClientMessage::HashVote(vote(VotePurpose::Persist, 0, INITIAL_SEQ, [1; 32])));
+    sent(&mut r);
+    // Elected, but the record is signed by another key: not stored.
+    let mut record = persist_record(0, [1; 32], sealed(10));
+    membership::sign_persist(&SessionKey::from_master(&[66; 32]), &PersistentId([2; 32]), &mut record);
+    r.handle(0, 1, ClientMessage::PersistUpload(record));
+    assert_eq!(r.persisted(&PersistentId([2; 32])), None);
+    assert!(!sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::PersistAccepted { .. })));
+    // The genuine one is.
+    r.handle(0, 1, ClientMessage::PersistUpload(persist_record(0, [1; 32], sealed(10))));
+    assert!(r.persisted(&PersistentId([2; 32])).is_some());
+}
+
+fn vote(purpose: VotePurpose, time: u64, seq: u32, hash: [u8; 32]) -> HashVote {
+    HashVote { purpose, time, seq, vote: hash, parts: vec![] }
+}
+
+#[test]
+fn votes_are_metered_and_bounded() {
+    let config = ReflectorConfig { max_votes_per_second: 5, max_open_tallies: 3, ..Default::default() };
+    let mut r = Reflector::new(config);
+    joined(&mut r, 0, 1, 10);
+    joined(&mut r, 0, 2, 20); // keeps tallies open: it never votes
+    sent(&mut r);
+    // Votes for points the session has not reached are ignored.
+    r.handle(100, 1, ClientMessage::HashVote(vote(VotePurpose::Snapshot, 5_000, 1, [1; 32])));
+    // A flood of votes for distinct points: at most 3 tallies open, at most 5 votes a second.
+    for i in 0..50 {
+        r.handle(100, 1, ClientMessage::HashVote(vote(VotePurpose::Snapshot, i, 1, [1; 32])));
+    }
+    let session = &r.sessions[&SESSION];
+    assert_eq!(session.tallies.len(), 3);
+    assert!(session.tallies.keys().all(|(_, time, _)| *time < 5));
+    // Oversized votes are ignored even when a decoder let them through.
+    let mut big = vote(VotePurpose::Snapshot, 90, 1, [1; 32]);
+    big.parts = vec![[0; 32]; r.config.limits.max_vote_parts + 1];
+    r.handle(5_000, 1, ClientMessage::HashVote(big));
+    assert!(!r.sessions[&SESSION].tallies.keys().any(|(_, time, _)| *time == 90));
+}
+
+#[test]
+fn sessions_are_capped_overall_and_per_origin() {
+    let origin = Some(std::net::IpAddr::from([10, 0, 0, 7]));
+    let config = ReflectorConfig { max_sessions: 3, max_sessions_per_origin: 2, ..Default::default() };
+    let mut r = Reflector::new(config);
+    let open = |r: &mut Reflector, client: ClientId, session: u8, origin| {
+        r.connect_from(0, client, origin);
+        let challenge = r.clients[&client].challenge;
+        r.outputs.clear();
+        let mut j = join(client);
+        j.session_id = SessionId([session; 32]);
+        r.handle(0, client, signed(&challenge, j));
+        sent(r)
+    };
+    assert!(open(&mut r, 1, 1, origin).iter().any(|(_, m)| matches!(m, ServerMessage::Sync(_))));
+    assert!(open(&mut r, 2, 2, origin).iter().any(|(_, m)| matches!(m, ServerMessage::Sync(_))));
+    let refused = open(&mut r, 3, 3, origin);
+    assert!(
+        matches!(&refused[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::Full && e.message.contains("address"))
+    );
+    // Joining a session already held is not opening one.
+    assert!(open(&mut r, 4, 1, origin).iter().any(|(_, m)| matches!(m, ServerMessage::Sync(_))));
+    assert!(open(&mut r, 5, 3, None).iter().any(|(_, m)| matches!(m, ServerMessage::Sync(_))));
+    let refused = open(&mut r, 6, 4, None);
+    assert!(
+        matches!(&refused[..], [(6, ServerMessage::Error(e))] if e.code == ErrorCode::Full && e.message.contains("maximum"))
+    );
+}
+
+#[test]
+fn idle_sessions_are_unloaded_and_come_back_from_storage() {
+    let config = ReflectorConfig { idle_unload_ms: 5_000, ..Default::default() };
+    let mut r = Reflector::with_storage(config, Box::new(crate::storage::MemoryStorage::default()));
+    joined(&mut r, 0, 1, 10);
+    r.handle(100, 1, ClientMessage::Event(sealed(1000)));
+    r.poll(200);
+    assert!(r.memory_bytes() >= 1000);
+    r.disconnect(300, 1);
+    r.poll(2000); // the leave is stamped, the session pauses
+    assert_eq!(r.session_count(), 1);
+    r.poll(6000);
+    assert_eq!(r.session_count(), 1, "not idle long enough yet");
+    r.poll(7600);
+    assert_eq!(r.session_count(), 0, "unloaded");
+    assert_eq!(r.memory_bytes(), 0);
+    let sync = joined(&mut r, 8000, 2, 20);
+    assert_eq!(sync.events.iter().filter(|e| matches!(e.body, EventBody::View { .. })).count(), 1);
+}
+
+#[test]
+fn buffered_bytes_and_the_memory_budget_are_bounded() {
+    let config = ReflectorConfig {
+        max_buffered_bytes: 10_000,
+        memory_budget_bytes: 15_000,
+        max_events_per_second: 1000,
+        ..Default::default()
+    };
+    let mut r = Reflector::new(config);
+    joined(&mut r, 0, 1, 10);
+    let mut requested = false;
+    let mut refused = 0;
+    for _ in 0..20 {
+        r.handle(10, 1, ClientMessage::Event(sealed(1000)));
+        for (_, m) in sent(&mut r) {
+            requested |= matches!(&m, ServerMessage::Event(e) if e.body == EventBody::SnapshotRequest);
+            refused += usize::from(matches!(&m, ServerMessage::Error(e) if e.code == ErrorCode::BufferFull));
+        }
+    }
+    assert!(requested, "half full: a snapshot is asked for");
+    assert!(refused >= 10, "the session's buffer is bounded: {refused} refusals");
+    // Another session fills the rest of the budget, then is refused by it.
+    let challenge = connect(&mut r, 20, 2);
+    let mut other = join(20);
+    other.session_id = SessionId([5; 32]);
+    r.handle(20, 2, signed(&challenge, other));
+    sent(&mut r);
+    let mut budget_refusals = 0;
+    for _ in 0..20 {
+        r.handle(30, 2, ClientMessage::Event(sealed(1000)));
+        budget_refusals += sent(&mut r)
+            .iter()
+            .filter(|(_, m)| matches!(m, ServerMessage::Error(e) if e.message.contains("memory budget")))
+            .count();
+    }
+    assert!(budget_refusals > 0);
+    assert!(r.memory_bytes() <= 15_000, "{}", r.memory_bytes());
+}
+
+fn restart_after(
+    dir: &std::path::Path,
+    damage: impl FnOnce(&std::path::Path),
+) -> (Reflector, Vec<(ClientId, ServerMessage)>) {
+    let _ = std::fs::remove_dir_all(dir);
+    let storage = || Box::new(crate::storage::DiskStorage::open(dir).unwrap());
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    joined(&mut r, 0, 1, 10);
+    r.poll(300);
+    for i in 0..20 {
+        r.handle(400 + i, 1, ClientMessage::Event(sealed(8)));
+    }
+    r.poll(500);
+    drop(r);
+    damage(&dir.join("sessions").join(SESSION.to_string()).join("events.log"));
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    connect_and_join(&mut r, 1000, 2, join(20));
+    let out = sent(&mut r);
+    (r, out)
+}
+
+#[test]
+fn a_session_whose_stored_history_has_a_gap_is_refused_with_a_clear_reason() {
+    let dir = std::env::temp_dir().join(format!("synq-core-gap-{}", std::process::id()));
+    let (_, out) = restart_after(&dir, |log| {
+        let mut bytes = std::fs::read(log).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(log, bytes).unwrap();
+    });
+    assert!(
+        matches!(&out[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::Unavailable && e.message.contains("missing") && !e.message.contains('/')),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_session_that_lost_part_of_its_log_says_so_to_its_clients() {
+    let dir = std::env::temp_dir().join(format!("synq-core-lost-{}", std::process::id()));
+    let (_, out) = restart_after(&dir, |log| std::fs::write(log, b"").unwrap());
+    assert!(out.iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Sync(_))), "{out:?}");
+    assert!(
+        out.iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::DataLost)),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_damaged_persisted_document_refuses_a_new_session_instead_of_starting_it_empty() {
+    let dir = std::env::temp_dir().join(format!("synq-core-persist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let storage = || Box::new(crate::storage::DiskStorage::open(&dir).unwrap());
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    joined(&mut r, 0, 1, 10);
+    r.handle(0, 1, ClientMessage::HashVote(vote(VotePurpose::Persist, 0, INITIAL_SEQ, [1; 32])));
+    r.handle(0, 1, ClientMessage::PersistUpload(persist_record(0, [1; 32], sealed(10))));
+    drop(r);
+    let file = dir.join("persisted").join(format!("{}.bin", PersistentId([2; 32])));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    let mut new_code = join(20);
+    new_code.session_id = SessionId([3; 32]);
+    connect_and_join(&mut r, 10, 2, new_code);
+    let out = sent(&mut r);
+    assert!(
+        matches!(&out[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::Unavailable && e.message.contains("persisted data")),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), bytes, "the damaged document was left for the operator");
+    let _ = std::fs::remove_dir_all(dir);
 }

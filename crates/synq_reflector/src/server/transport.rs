@@ -5,24 +5,48 @@
 //! many connections, flushing everyone for every broadcast floods the socket with ack-only
 //! datagrams. This transport flushes the connections that have frames queued as soon as the
 //! frame-flush interval allows, and everyone (acks, resends) only every few milliseconds.
+//!
+//! Every datagram passes [`check_server_bound`] before renetcode sees it: renetcode 2.0.0 panics
+//! on some malformed datagrams (see [`synq_protocol::netcode_guard`]). What the guard drops, and
+//! what renetcode refuses, is counted and logged at most once per cause every few seconds, never
+//! once per datagram.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use renet::RenetServer;
 use renetcode::{NETCODE_MAX_PACKET_BYTES, NetcodeServer, ServerConfig, ServerResult};
+use synq_protocol::netcode_guard::{Rejected, check_server_bound};
+
+use super::log_limit::{LogLimit, netcode_errors};
+
+/// Most datagrams taken in per loop iteration (≈ 180 KB): what is left waits for the next one.
+const MAX_DATAGRAMS_PER_UPDATE: usize = 128;
 
 pub(crate) struct Transport {
     socket: UdpSocket,
     netcode: NetcodeServer,
     buffer: Box<[u8; NETCODE_MAX_PACKET_BYTES]>,
+    /// Counted, rate-limited reports of dropped datagrams (shared with the driver's own causes).
+    pub log: LogLimit,
+}
+
+/// What the rate-limited log says for each cause a datagram is dropped for.
+fn rejected_what(rejected: Rejected) -> &'static str {
+    match rejected {
+        Rejected::TooShort => "malformed datagrams dropped (too short)",
+        Rejected::TooLong => "malformed datagrams dropped (too long)",
+        Rejected::BadPrefix => "malformed datagrams dropped (bad prefix)",
+        Rejected::WrongDirection(_) => "malformed datagrams dropped (packet type a server never receives)",
+        Rejected::WrongSize(_) => "malformed datagrams dropped (wrong size for the packet type)",
+    }
 }
 
 impl Transport {
-    pub fn new(config: ServerConfig, socket: UdpSocket) -> io::Result<Self> {
+    pub fn new(config: ServerConfig, socket: UdpSocket, log: LogLimit) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
-        Ok(Self { socket, netcode: NetcodeServer::new(config), buffer: Box::new([0; NETCODE_MAX_PACKET_BYTES]) })
+        Ok(Self { socket, netcode: NetcodeServer::new(config), buffer: Box::new([0; NETCODE_MAX_PACKET_BYTES]), log })
     }
 
     pub fn client_addr(&self, client: u64) -> Option<SocketAddr> {
@@ -33,12 +57,37 @@ impl Transport {
     /// `maintain`, also runs netcode's per-connection upkeep (keep-alives, timeouts): it costs a
     /// pass over every connection, so the caller does it every few milliseconds, not on every
     /// datagram.
-    pub fn update(&mut self, duration: Duration, server: &mut RenetServer, maintain: bool) -> io::Result<()> {
+    ///
+    /// Datagrams the guard refuses are dropped and counted; so are those renetcode refuses
+    /// (undecryptable, replayed, bad connection requests), as far as
+    /// [`super::netcode_error_counter`] is installed to count them.
+    pub fn update(
+        &mut self,
+        now: Instant,
+        duration: Duration,
+        server: &mut RenetServer,
+        maintain: bool,
+    ) -> io::Result<()> {
         self.netcode.update(duration);
-        loop {
+        // A burst (one client uploading megabytes) is taken in over several iterations, so that
+        // ticks, acks and everyone else's messages keep flowing in between.
+        for _ in 0..MAX_DATAGRAMS_PER_UPDATE {
             match self.socket.recv_from(&mut self.buffer[..]) {
                 Ok((len, addr)) => {
-                    let result = self.netcode.process_packet(addr, &mut self.buffer[..len]);
+                    let datagram = &mut self.buffer[..len];
+                    if let Err(rejected) = check_server_bound(datagram) {
+                        self.log.record(rejected_what(rejected), addr.ip(), now);
+                        continue;
+                    }
+                    let errors = netcode_errors();
+                    let result = self.netcode.process_packet(addr, datagram);
+                    if netcode_errors() != errors {
+                        self.log.record(
+                            "packets refused by netcode (undecryptable, replayed or bad requests)",
+                            addr.ip(),
+                            now,
+                        );
+                    }
                     handle(result, &self.socket, server);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => break,
@@ -46,6 +95,7 @@ impl Transport {
                 Err(e) => return Err(e),
             }
         }
+        self.log.poll(now);
         if maintain {
             for client in self.netcode.clients_id() {
                 let result = self.netcode.update_client(client);
