@@ -29,6 +29,7 @@ mod outbox;
 mod votes;
 
 pub use outbox::Outbox;
+use outbox::SentEvents;
 
 /// This replica's model, for view systems (through [`Model`](crate::view::Model) and
 /// [`ModelQuery`](crate::view::ModelQuery)).
@@ -94,7 +95,8 @@ enum Phase {
     /// Connected; waiting for the reflector's challenge (then `joined`), then for its `Sync`.
     AwaitingSync {
         since: Instant,
-        resume_after: Option<u32>,
+        /// The last sequence number and the model time this client holds, to resume from.
+        resume_after: Option<(u32, u64)>,
         joined: bool,
     },
     Running,
@@ -151,6 +153,8 @@ pub struct SynqClient {
     last_heard: Instant,
     /// When the last event (or bundle) was sent, for the event rate limit.
     last_send: Option<Instant>,
+    /// The events sent and not yet seen stamped, sent again after a reconnect.
+    sent: SentEvents,
 }
 
 /// How long a `Sync` may take to arrive before the client tries again.
@@ -196,6 +200,7 @@ impl SynqClient {
             reconnects: 0,
             last_heard: Instant::now(),
             last_send: None,
+            sent: SentEvents::new(),
         }
     }
 
@@ -229,6 +234,12 @@ impl SynqClient {
     /// it among the replicas that agree on the document).
     pub fn persist_uploads(&self) -> u32 {
         self.persist_uploads
+    }
+
+    /// How many of the messages this client sent the session has not been seen to stamp yet; they
+    /// are sent again after a reconnect, and stamped once.
+    pub fn unacknowledged_events(&self) -> usize {
+        self.sent.unacknowledged()
     }
 
     /// The latest session time this client heard of from the reflector.
@@ -291,11 +302,13 @@ impl SynqClient {
         };
         self.connection = Some(connection);
         // A client with a running model asks to continue right after the last event it has.
-        let resume_after = model
-            .runtime
-            .as_ref()
-            .filter(|_| matches!(self.phase, Phase::Reconnecting { .. }) && !self.resync)
-            .map(|runtime| self.pending.back().map_or(runtime.last_seq(), |e| e.seq));
+        let resume_after =
+            model.runtime.as_ref().filter(|_| matches!(self.phase, Phase::Reconnecting { .. }) && !self.resync).map(
+                |runtime| {
+                    let last = self.pending.back().map_or(runtime.last_seq(), |e| e.seq);
+                    (last, self.target_time.max(runtime.now_ms()))
+                },
+            );
         // The join leaves when the reflector's challenge arrives (it must sign it).
         self.phase = Phase::AwaitingSync { since: Instant::now(), resume_after, joined: false };
     }
@@ -320,7 +333,8 @@ impl SynqClient {
             persistent_id: self.ids.persistent,
             view_id: self.ids.view,
             tick_ms: self.config.tick_ms,
-            resume_after,
+            resume_after: resume_after.map(|(seq, _)| seq),
+            held_time: resume_after.map_or(0, |(_, time)| time),
             member_key: self.key.member_key(),
             signature: MemberSignature::EMPTY,
         };
@@ -379,7 +393,7 @@ impl SynqClient {
                         event.seq,
                         event.time,
                         match &event.body {
-                            EventBody::View { sender, payload } =>
+                            EventBody::View { sender, payload, .. } =>
                                 format!("event from {sender}, {} bytes sealed", payload.len()),
                             EventBody::Users { joined, left, reset } =>
                                 format!("users joined {joined:?} left {left:?} reset {reset}"),
@@ -387,6 +401,7 @@ impl SynqClient {
                         }
                     );
                     self.target_time = self.target_time.max(event.time);
+                    self.acknowledge_own(event);
                     self.pending.push_back(event.clone());
                 }
                 ServerMessage::Tick(time) => self.target_time = self.target_time.max(*time),
@@ -416,6 +431,30 @@ impl SynqClient {
                     }
                 }
             }
+        }
+    }
+
+    /// Our own event, stamped: it need not be sent again.
+    fn acknowledge_own(&mut self, event: &StampedEvent) {
+        if let EventBody::View { sender, sent: Some(id), .. } = &event.body
+            && *sender == self.ids.view
+        {
+            self.sent.acknowledge(*id);
+        }
+    }
+
+    /// After a `Sync`: forgets the sent events the session has (in the backlog, or executed
+    /// before the state this client starts from) and sends the others again.
+    fn resend_after_sync(&mut self, model: &ModelWorld, sync: &synq_protocol::wire::Sync) {
+        if let Some(id) = model.runtime.as_ref().and_then(|r| r.views().last_sent(self.ids.view)) {
+            self.sent.acknowledge(id);
+        }
+        for event in &sync.events {
+            self.acknowledge_own(event);
+        }
+        let again = self.sent.resend_all();
+        if again > 0 {
+            info!("bevy_synq: view {} sends {again} unacknowledged events again", self.ids.view);
         }
     }
 
@@ -483,12 +522,13 @@ impl SynqClient {
                 // Seamless: keep the model and what is queued; the events continue right after.
                 let seamless = self.within_rejoin_limit();
                 info!(
-                    "bevy_synq: view {} rejoined {} ({} events missed)",
+                    "bevy_synq: view {} rejoined {} ({} events to catch up)",
                     self.ids.view,
                     if seamless { "seamlessly" } else { "after the rejoin limit" },
                     sync.events.len()
                 );
                 self.pending.extend(sync.events.iter().cloned());
+                self.resend_after_sync(model, sync);
                 self.target_time = self.target_time.max(sync.time);
                 self.phase = Phase::Running;
                 self.lost_at = None;
@@ -501,15 +541,28 @@ impl SynqClient {
                 return Ok(());
             }
         };
-        if model.runtime.is_some() {
+        if let Some(old) = model.runtime.as_ref() {
             warn!("bevy_synq: view {} could not rejoin seamlessly; resyncing from the session's state", self.ids.view);
             self.reconnects += 1;
+            if runtime.now_ms() < old.now_ms() && sync.time < old.now_ms() {
+                // The reflector offers an older state than this replica ran: it lost (or rolled
+                // back) part of the session's history.
+                let reason = format!(
+                    "the reflector holds an older state of the session ({} ms) than this replica ran ({} ms): \
+                     part of its history was lost",
+                    sync.time,
+                    old.now_ms()
+                );
+                error!("bevy_synq: {reason}");
+                self.problems.push(SynqProblem::DataLost(reason));
+            }
         }
         self.lost_at = None;
         self.retry_delay_ms = 0;
         self.resync = false;
         self.catch_up_from = runtime.now_ms();
         model.runtime = Some(runtime);
+        self.resend_after_sync(model, sync);
         self.pending = sync.events.iter().cloned().collect();
         self.target_time = sync.time;
         self.phase = Phase::Running;
@@ -538,13 +591,13 @@ impl SynqClient {
     /// fails to open it alike (same ciphertext, same key), so it is skipped in its place.
     fn open_external(&self, event: &StampedEvent) -> External {
         let body = match &event.body {
-            EventBody::View { sender, payload } => {
+            EventBody::View { sender, sent, payload } => {
                 let binding = Binding::SessionView(self.ids.session, *sender);
                 match self.key.open(SealKind::Event, &binding, payload) {
-                    Ok(plaintext) => ExternalBody::View { sender: *sender, plaintext },
+                    Ok(plaintext) => ExternalBody::View { sender: *sender, sent: *sent, plaintext },
                     Err(error) => {
                         let reason = format!("event {} does not open: {error}", event.seq);
-                        ExternalBody::Unopenable { sender: *sender, reason }
+                        ExternalBody::Unopenable { sender: *sender, sent: *sent, reason }
                     }
                 }
             }

@@ -24,7 +24,7 @@ use crate::model::time::{FutureQueue, ModelTime};
 use synq_protocol::Hash32;
 
 const MAGIC: &[u8; 8] = b"SYNQSNAP";
-const FORMAT: u16 = 1;
+const FORMAT: u16 = 2;
 
 /// Why a snapshot could not be taken or restored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,6 +57,7 @@ struct RuntimeState {
     rng: ModelRng,
     queue: FutureQueue,
     views: BTreeSet<synq_protocol::ViewId>,
+    sent: std::collections::BTreeMap<synq_protocol::ViewId, synq_protocol::wire::SentId>,
     ids: ModelIdAllocator,
     book: SnapshotBook,
     persist: PersistState,
@@ -122,6 +123,7 @@ fn capture_impl(
         rng: world.resource::<ModelRng>().clone(),
         queue: world.resource::<FutureQueue>().clone(),
         views: world.resource::<ModelViews>().views.clone(),
+        sent: world.resource::<ModelViews>().sent.clone(),
         ids: *world.resource::<ModelIdAllocator>(),
         book: world.resource::<SnapshotBook>().clone(),
         persist: world.resource::<PersistState>().clone(),
@@ -197,7 +199,9 @@ pub(crate) fn restore(bytes: &[u8], world: &mut World, registry: &ModelRegistry)
     world.insert_resource(state.time);
     world.insert_resource(state.rng);
     world.insert_resource(state.queue);
-    world.resource_mut::<ModelViews>().views = state.views;
+    let mut views = world.resource_mut::<ModelViews>();
+    views.views = state.views;
+    views.sent = state.sent;
     world.insert_resource(state.ids);
     world.insert_resource(state.book);
     world.insert_resource(state.persist);

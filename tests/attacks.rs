@@ -60,7 +60,7 @@ fn an_event_that_does_not_open_is_skipped_by_every_replica_and_a_late_joiner() {
     hostile.send(ClientMessage::Join(join));
     assert!(hostile.synced(TIMEOUT));
     for i in 0..5u8 {
-        hostile.send(ClientMessage::Event(Sealed { nonce: [i; 24], ciphertext: vec![i; 40] }));
+        hostile.send(ClientMessage::Event(Sealed { nonce: [i; 24], ciphertext: vec![i; 40] }.into()));
     }
     add(&mut b, 7);
     run_for(&mut [&mut a, &mut b], Duration::from_millis(800));
@@ -320,7 +320,7 @@ fn a_thousand_abandoned_sessions_are_unloaded_and_their_memory_returned() {
             hostile.send(ClientMessage::Join(join));
             assert!(hostile.synced(TIMEOUT), "session {i} not opened: {:?}", hostile.closed);
             for n in 0..4u8 {
-                hostile.send(ClientMessage::Event(Sealed { nonce: [n; 24], ciphertext: vec![n; 15_000] }));
+                hostile.send(ClientMessage::Event(Sealed { nonce: [n; 24], ciphertext: vec![n; 15_000] }.into()));
             }
             let last = |m: &ServerMessage| match m {
                 ServerMessage::Event(e) => matches!(&e.body, EventBody::View { payload, .. } if payload.nonce[0] == 3),

@@ -38,6 +38,7 @@ fn a_snapshot_that_does_not_match_its_vote_is_refused_by_joiners() {
         view_id: ViewId(0xE71),
         tick_ms: 0,
         resume_after: None,
+        held_time: 0,
         member_key: key.member_key(),
         signature: MemberSignature::EMPTY,
     };

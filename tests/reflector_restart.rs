@@ -107,3 +107,175 @@ fn a_killed_reflector_restarts_and_the_session_continues_with_nothing_acknowledg
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn views(app: &App) -> Vec<ViewId> {
+    app.world().resource::<ModelWorld>().runtime().map(|r| r.views().iter().collect()).unwrap_or_default()
+}
+
+/// Runs the apps (real time) for `duration` without a reflector.
+fn without_reflector(apps: &mut [&mut App], duration: Duration) {
+    let down = std::time::Instant::now();
+    while down.elapsed() < duration {
+        for app in apps.iter_mut() {
+            app.update();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn after_a_restart_the_views_in_the_model_are_exactly_the_connected_clients() {
+    let dir = data_dir("restart-views");
+    let mut reflector = ReflectorProcess::start(&dir, None);
+    let addr = reflector.addr;
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    let mut leaver = udp_app(model, session(3), addr);
+    run_until(&mut [&mut a, &mut b, &mut leaver], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    run_until(&mut [&mut a, &mut b, &mut leaver], TIMEOUT, |apps| views(apps[0]).len() == 3);
+
+    reflector.kill();
+    drop(leaver); // gone while the reflector was down: it never comes back
+    without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
+    let _restarted = ReflectorProcess::start(&dir, Some(addr));
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
+    });
+    let mut newcomer = udp_app(model, session(4), addr);
+    run_until(&mut [&mut a, &mut b, &mut newcomer], TIMEOUT, |apps| {
+        apps.iter().all(|app| synced(app)) && apps.iter().all(|app| views(app) == [ViewId(1), ViewId(2), ViewId(4)])
+    });
+    // Stays so: nothing later removes a live view.
+    let settle = std::time::Instant::now();
+    while settle.elapsed() < Duration::from_millis(1500) {
+        for app in [&mut a, &mut b, &mut newcomer] {
+            app.update();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for app in [&a, &b, &newcomer] {
+        assert_eq!(views(app), [ViewId(1), ViewId(2), ViewId(4)]);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn clients_back_after_a_long_outage_sync_again() {
+    let dir = data_dir("restart-long");
+    let mut reflector = ReflectorProcess::start(&dir, None);
+    let addr = reflector.addr;
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    note(&mut a, 1);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == 1));
+
+    reflector.kill();
+    // Far longer than the rejoin limit (1 s) and the leave delay (1.25 s).
+    without_reflector(&mut [&mut a, &mut b], Duration::from_secs(5));
+    let _restarted = ReflectorProcess::start(&dir, Some(addr));
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| synced(app) && views(app) == [ViewId(1), ViewId(2)])
+    });
+    note(&mut b, 2);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == 2));
+    assert_eq!(model_resource::<Ledger>(&a), model_resource::<Ledger>(&b));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn events_published_around_a_kill_are_executed_exactly_once() {
+    let dir = data_dir("restart-burst");
+    let mut reflector = ReflectorProcess::start(&dir, None);
+    let addr = reflector.addr;
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    // Both publish every frame, before, during and after an outage of the reflector.
+    let mut published = 0u32;
+    let mut restarted = None;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        note(&mut a, published);
+        note(&mut b, 100_000 + published);
+        published += 1;
+        a.update();
+        b.update();
+        if restarted.is_none() && start.elapsed() > Duration::from_millis(1200) {
+            reflector.kill();
+            restarted = Some(std::time::Instant::now());
+        }
+        if let Some(at) = restarted
+            && at.elapsed() > Duration::from_millis(800)
+            && !reflector.is_running()
+        {
+            reflector = ReflectorProcess::start(&dir, Some(addr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let expected = 2 * published as usize;
+    run_until(&mut [&mut a, &mut b], Duration::from_secs(60), |apps| {
+        apps.iter().all(|app| synced(app) && ledger_len(app) >= expected)
+    });
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().unacknowledged_events() == 0)
+    });
+    let ledger = model_resource::<Ledger>(&a).unwrap();
+    assert_eq!(model_resource::<Ledger>(&b).unwrap(), ledger, "the replicas disagree");
+    let mut values: Vec<(u64, u32)> = ledger.0.iter().map(|(view, value, _)| (*view, *value)).collect();
+    values.sort();
+    let mut wanted: Vec<(u64, u32)> =
+        (0..published).map(|n| (1, n)).chain((0..published).map(|n| (2, 100_000 + n))).collect();
+    wanted.sort();
+    assert_eq!(values.len(), expected, "executed {} events for {expected} published", values.len());
+    assert_eq!(values, wanted, "an event was lost or executed twice");
+    // Each client's events in the order it published them.
+    for view in [1, 2] {
+        let order: Vec<u32> = ledger.0.iter().filter(|(v, _, _)| *v == view).map(|(_, n, _)| *n).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "view {view}'s events out of order");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_reflector_that_lost_its_storage_continues_the_session_from_the_replicas() {
+    let dir = data_dir("restart-wiped");
+    let mut reflector = ReflectorProcess::start(&dir, None);
+    let addr = reflector.addr;
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    for i in 0..10 {
+        note(&mut a, i);
+        run_until(&mut [&mut a, &mut b], TIMEOUT, |_| true);
+    }
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == 10));
+    let before = model_resource::<Ledger>(&a).unwrap();
+    let time_before = model_time(&a);
+
+    // The machine is replaced: same address, nothing of the session on disk.
+    reflector.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
+    let _replaced = ReflectorProcess::start(&dir, Some(addr));
+    let mut times = (model_time(&a), model_time(&b));
+    let mut went_back = false;
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        let now = (model_time(apps[0]), model_time(apps[1]));
+        went_back |= now.0 < times.0 || now.1 < times.1;
+        times = now;
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
+    });
+    note(&mut b, 99);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == 11));
+    let after = model_resource::<Ledger>(&a).unwrap();
+    assert_eq!(&after.0[..10], &before.0[..], "the game was lost: the model restarted");
+    assert!(!went_back, "model time went back");
+    assert!(model_time(&a) >= time_before);
+    // A newcomer joins once the replicas gave the new reflector a snapshot, and agrees.
+    let mut c = udp_app(model, session(3), addr);
+    run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| synced(apps[2]) && ledger_len(apps[2]) == 11);
+    assert_eq!(model_resource::<Ledger>(&c).unwrap(), after);
+    let _ = std::fs::remove_dir_all(dir);
+}

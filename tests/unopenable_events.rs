@@ -35,6 +35,7 @@ fn hostile_member(h: &mut Harness) -> (InProcessConnection, SessionKey) {
         view_id: HOSTILE_VIEW,
         tick_ms: 0,
         resume_after: None,
+        held_time: 0,
         member_key: key.member_key(),
         signature: MemberSignature::EMPTY,
     };
@@ -69,7 +70,7 @@ fn events_that_do_not_open_are_skipped_alike_on_every_replica() {
     let unknown_type = key.seal(SealKind::Event, &Binding::SessionView(ids.session, HOSTILE_VIEW), &[0xEE, 0x7F, 1]);
     let other_sender = key.seal(SealKind::Event, &Binding::SessionView(ids.session, ViewId(1)), &[0, 0]);
     for payload in [garbage, wrong_kind, unknown_type, other_sender] {
-        assert!(hostile.send(ClientMessage::Event(payload)));
+        assert!(hostile.send(ClientMessage::Event(payload.into())));
         h.run_rounds(3, 100);
     }
     h.run_rounds(20, 100);

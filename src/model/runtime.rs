@@ -3,8 +3,9 @@
 
 use bevy::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use synq_protocol::wire::SentId;
 use synq_protocol::{Hash32, INITIAL_SEQ, ViewId};
 
 use super::app::{ModelApp, ModelPlugin, WorldSettings};
@@ -20,6 +21,9 @@ use crate::snapshot::{self, SnapshotError};
 #[derive(Resource, Debug, Default, Clone)]
 pub struct ModelViews {
     pub(crate) views: BTreeSet<ViewId>,
+    /// The last view event executed from each view that may send events again: after a
+    /// reconnect, its client knows which of its events the session executed.
+    pub(crate) sent: BTreeMap<ViewId, SentId>,
 }
 
 impl ModelViews {
@@ -41,6 +45,11 @@ impl ModelViews {
     /// Whether no view is in the session.
     pub fn is_empty(&self) -> bool {
         self.views.is_empty()
+    }
+
+    /// The last event of `view` the model executed, if its client numbers its events.
+    pub fn last_sent(&self, view: ViewId) -> Option<SentId> {
+        self.sent.get(&view).copied()
     }
 }
 
@@ -80,12 +89,14 @@ pub(crate) struct External {
 pub(crate) enum ExternalBody {
     View {
         sender: ViewId,
+        sent: Option<SentId>,
         plaintext: Vec<u8>,
     },
     /// A view event that does not open with the session key: it takes its place in the order
     /// (time, sequence) and is skipped, the same way on every replica.
     Unopenable {
         sender: ViewId,
+        sent: Option<SentId>,
         reason: String,
     },
     Users {
@@ -308,7 +319,7 @@ impl ModelRuntime {
             .ok_or(RuntimeError::Unregistered(std::any::type_name::<T>()))?;
         let mut plaintext = (index as u16).to_le_bytes().to_vec();
         postcard::to_io(event, &mut plaintext).map_err(|_| RuntimeError::Unregistered(std::any::type_name::<T>()))?;
-        self.execute(External { time, seq, body: ExternalBody::View { sender, plaintext } })
+        self.execute(External { time, seq, body: ExternalBody::View { sender, sent: None, plaintext } })
     }
 
     /// Executes a join/leave notice as if the reflector had stamped it with `time` and `seq`.
@@ -418,8 +429,12 @@ impl ModelRuntime {
             book.externals_since += 1;
         }
         match external.body {
-            ExternalBody::View { sender, plaintext } => self.view_event(sender, &plaintext),
-            ExternalBody::Unopenable { sender, reason } => {
+            ExternalBody::View { sender, sent, plaintext } => {
+                self.note_sent(sender, sent);
+                self.view_event(sender, &plaintext)
+            }
+            ExternalBody::Unopenable { sender, sent, reason } => {
+                self.note_sent(sender, sent);
                 self.problems.push(ModelProblem::BadViewEvent { sender, reason })
             }
             ExternalBody::Users { joined, left, reset } => self.users(joined, left, reset),
@@ -432,6 +447,12 @@ impl ModelRuntime {
 
     fn set_time(&mut self, time: u64) {
         self.world.resource_mut::<ModelTime>().now_ms = time;
+    }
+
+    fn note_sent(&mut self, sender: ViewId, sent: Option<SentId>) {
+        if let Some(id) = sent {
+            self.world.resource_mut::<ModelViews>().sent.insert(sender, id);
+        }
     }
 
     fn view_event(&mut self, sender: ViewId, plaintext: &[u8]) {
@@ -471,7 +492,9 @@ impl ModelRuntime {
             exits.extend(stale.collect::<Vec<_>>());
         }
         for view in exits {
-            if self.world.resource_mut::<ModelViews>().views.remove(&view) {
+            let mut views = self.world.resource_mut::<ModelViews>();
+            views.sent.remove(&view);
+            if views.views.remove(&view) {
                 self.world.trigger(ViewExited { view });
                 self.world.flush();
             }

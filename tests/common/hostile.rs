@@ -112,6 +112,7 @@ impl Hostile {
             view_id: view,
             tick_ms: 0,
             resume_after: None,
+            held_time: 0,
             member_key: key.member_key(),
             signature: MemberSignature::EMPTY,
         };

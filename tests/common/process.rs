@@ -92,6 +92,11 @@ impl ReflectorProcess {
             .expect("VmRSS in /proc status")
     }
 
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// `kill -9`: no chance to flush anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

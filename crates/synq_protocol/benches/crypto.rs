@@ -71,6 +71,7 @@ fn membership(c: &mut Criterion) {
         view_id: ViewId(4),
         tick_ms: 50,
         resume_after: None,
+        held_time: 0,
         member_key: key.member_key(),
         signature: MemberSignature::EMPTY,
     };

@@ -110,7 +110,7 @@ pub fn decode_client(frame: &[u8], limits: &Limits) -> Result<ClientMessage, Dec
         return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
     }
     match &message {
-        ClientMessage::Event(sealed) => check("event payload", sealed.len(), limits.max_event_bytes)?,
+        ClientMessage::Event(event) => check("event payload", event.payload.len(), limits.max_event_bytes)?,
         ClientMessage::SnapshotUpload(record) => check("snapshot", record.data.len(), limits.max_snapshot_bytes)?,
         ClientMessage::PersistUpload(record) => check("persisted data", record.data.len(), limits.max_persist_bytes)?,
         ClientMessage::Join(join) => {
@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn round_trip_and_garbage() {
         let limits = Limits::default();
-        let msg = ClientMessage::Event(Sealed { nonce: [1; 24], ciphertext: vec![5; 40] });
+        let msg = ClientMessage::Event(Sealed { nonce: [1; 24], ciphertext: vec![5; 40] }.into());
         let frame = encode_client(&msg);
         assert_eq!(decode_client(&frame, &limits).unwrap(), msg);
         for cut in 0..frame.len() {
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn oversized_event_is_refused() {
         let limits = Limits { max_event_bytes: 100, ..Limits::default() };
-        let msg = ClientMessage::Event(Sealed { nonce: [1; 24], ciphertext: vec![5; 200] });
+        let msg = ClientMessage::Event(Sealed { nonce: [1; 24], ciphertext: vec![5; 200] }.into());
         assert!(matches!(decode_client(&encode_client(&msg), &limits), Err(DecodeError::PayloadTooLarge { .. })));
     }
 
@@ -291,7 +291,7 @@ mod tests {
         let limits = Limits { max_frame_bytes: 10, ..Limits::default() };
         let frame = encode_client(&ClientMessage::Ping(1));
         assert!(decode_client(&frame, &limits).is_ok());
-        let big = encode_client(&ClientMessage::Event(Sealed { nonce: [0; 24], ciphertext: vec![0; 10] }));
+        let big = encode_client(&ClientMessage::Event(Sealed { nonce: [0; 24], ciphertext: vec![0; 10] }.into()));
         assert_eq!(decode_client(&big, &limits), Err(DecodeError::FrameTooLarge { size: big.len(), limit: 10 }));
         let mut trailing = frame.clone();
         trailing.push(0);

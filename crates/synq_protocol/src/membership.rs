@@ -118,6 +118,7 @@ pub fn join_transcript(challenge: &Challenge, join: &Join) -> Vec<u8> {
         Some(after) => push_field(&mut out, &[&[1u8][..], &after.to_le_bytes()].concat()),
         None => push_field(&mut out, &[0]),
     }
+    push_field(&mut out, &join.held_time.to_le_bytes());
     push_field(&mut out, &join.member_key.0);
     out
 }
@@ -197,6 +198,7 @@ mod tests {
             view_id: ViewId(9),
             tick_ms: 50,
             resume_after: None,
+            held_time: 0,
             member_key: key.member_key(),
             signature: MemberSignature::EMPTY,
         }

@@ -20,7 +20,7 @@ pub enum ClientMessage {
     /// [`ServerMessage::Challenge`].
     Join(Join),
     /// A view event for the model, to be stamped and broadcast to every client of the session.
-    Event(Sealed),
+    Event(ViewEvent),
     /// This client's keyed hash of its model state at a snapshot point.
     HashVote(HashVote),
     /// The sealed snapshot for a snapshot point, sent by the client the tally elected.
@@ -31,6 +31,34 @@ pub enum ClientMessage {
     Ping(u64),
     /// Leave the session; the connection may then be closed.
     Leave,
+}
+
+/// A view event as a client sends it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ViewEvent {
+    /// Which sending of events this is: a random number per client instance, with `seq`, lets the
+    /// reflector and the client recognise an event sent again after a reconnect. `None` for
+    /// tools that never resend.
+    pub sent: Option<SentId>,
+    /// The sealed event.
+    pub payload: Sealed,
+}
+
+impl From<Sealed> for ViewEvent {
+    /// An event that is never sent again (no [`SentId`]).
+    fn from(payload: Sealed) -> Self {
+        Self { sent: None, payload }
+    }
+}
+
+/// Identifies a view event across reconnects: the reflector stamps each `(origin, seq)` of a view
+/// once, and the sender knows its event was stamped when it sees it come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SentId {
+    /// Random per client instance.
+    pub origin: u64,
+    /// Counts the instance's events from 1, in the order they were published.
+    pub seq: u64,
 }
 
 /// The first message of a connection: which session, and the proof of membership.
@@ -57,6 +85,9 @@ pub struct Join {
     /// and including this sequence number: the reflector then sends only what came after (a
     /// seamless rejoin) when it still has it.
     pub resume_after: Option<u32>,
+    /// With `resume_after`: the model time of the state this client holds. A reflector that does
+    /// not know the session (it lost its storage, or is another machine) continues it from there.
+    pub held_time: u64,
     /// The session password's membership key; the reflector pins it to the persistent id when
     /// the id is first seen and refuses any other.
     pub member_key: MemberKey,
@@ -200,6 +231,8 @@ pub enum EventBody {
     View {
         /// The sending client's view id (bound into the ciphertext's associated data).
         sender: ViewId,
+        /// The sender's id of the event, if it may send it again (see [`SentId`]).
+        sent: Option<SentId>,
         /// The sealed event.
         payload: Sealed,
     },

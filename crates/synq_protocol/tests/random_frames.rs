@@ -30,8 +30,11 @@ fn sealed(len: usize) -> Sealed {
 }
 
 fn seeds() -> Vec<Vec<u8>> {
-    let event =
-        StampedEvent { time: 5, seq: 0xFFFF_FFF3, body: EventBody::View { sender: ViewId(3), payload: sealed(20) } };
+    let event = StampedEvent {
+        time: 5,
+        seq: 0xFFFF_FFF3,
+        body: EventBody::View { sender: ViewId(3), sent: None, payload: sealed(20) },
+    };
     let users = StampedEvent {
         time: 6,
         seq: 0xFFFF_FFF4,
@@ -50,10 +53,11 @@ fn seeds() -> Vec<Vec<u8>> {
             view_id: ViewId(77),
             tick_ms: 50,
             resume_after: Some(12),
+            held_time: 0,
             member_key: MemberKey([7; 32]),
             signature,
         }),
-        ClientMessage::Event(sealed(30)),
+        ClientMessage::Event(sealed(30).into()),
         ClientMessage::HashVote(HashVote {
             purpose: VotePurpose::Snapshot,
             time: 1,

@@ -11,7 +11,7 @@ use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, Challenge, MemberKey};
 use synq_protocol::wire::{
     ClientMessage, ErrorCode, ErrorMessage, EventBody, HashVote, Join, PersistRecord, ServerMessage, SessionTime,
-    SnapshotRecord, StampedEvent, Sync, SyncStart, Tally, VoteGroup, VotePurpose,
+    SnapshotRecord, StampedEvent, Sync, SyncStart, Tally, ViewEvent, VoteGroup, VotePurpose,
 };
 use synq_protocol::{INITIAL_SEQ, Limits, PROTOCOL_VERSION, seq_le};
 
@@ -336,7 +336,15 @@ impl Reflector {
             }
             (ClientMessage::Ping(nonce), _) => self.send(client, ServerMessage::Pong(nonce)),
             (_, None) => self.close(client, error_message(ErrorCode::NotJoined, "the first message must be Join")),
-            (ClientMessage::Event(payload), Some(session)) => {
+            (ClientMessage::Event(ViewEvent { sent, payload }), Some(session)) => {
+                let view = self.clients[&client].view;
+                if let Some(id) = sent
+                    && self.sessions.get(&session).is_some_and(|s| s.already_stamped(view, id))
+                {
+                    // Sent again after a reconnect, but it was stamped: the sender will see it.
+                    tracing::debug!(client, %view, seq = id.seq, "duplicate event ignored");
+                    return;
+                }
                 if payload.len() > self.config.limits.max_event_bytes {
                     let limit = self.config.limits.max_event_bytes;
                     self.send_error(
@@ -356,8 +364,7 @@ impl Reflector {
                     );
                     return;
                 }
-                let view = self.clients[&client].view;
-                self.stamp(now, session, client, EventBody::View { sender: view, payload });
+                self.stamp(now, session, client, EventBody::View { sender: view, sent, payload });
             }
             (ClientMessage::HashVote(vote), Some(session)) => self.vote(now, session, client, vote),
             (ClientMessage::SnapshotUpload(record), Some(session)) => self.upload(session, client, record),
@@ -506,6 +513,13 @@ impl Reflector {
             session.base_time = paused;
             session.last_broadcast = now;
         }
+        if join.resume_after.is_some() && join.held_time > session.time(now) {
+            // A member has seen a later time than this reflector recorded (its storage lost the
+            // latest marks): never let session time go back behind what a client saw.
+            tracing::warn!(session = %join.session_id, held = join.held_time, time = session.time(now), "session time raised to a client's");
+            session.base_time = join.held_time;
+            session.base_now = now;
+        }
         let time = session.time(now);
         let resumable = join.resume_after.filter(|&after| {
             // The client has executed everything up to `after`; it can continue if we still hold
@@ -517,6 +531,11 @@ impl Reflector {
                     None => after == session.seq,
                 }
         });
+        if session.reseeding && resumable.is_none() {
+            // Only a snapshot can bring this client to the state the session continues from.
+            let msg = "the session is being restored from its players' state; retry shortly";
+            return self.close(client, error_message(ErrorCode::Unavailable, msg));
+        }
         let (start, events) = match resumable {
             Some(after) => {
                 let events = session.events.iter().filter(|e| !seq_le(e.seq, after)).cloned().collect();
@@ -535,9 +554,13 @@ impl Reflector {
         let sync = Sync { time, seq: session.seq, tick_ms: session.tick_ms, start, events };
         let damage = session.damage.clone();
         session.clients.push((client, join.view_id));
-        let was_leaving = session.pending_leaves.iter().any(|(v, _)| *v == join.view_id);
         session.pending_leaves.retain(|(v, _)| *v != join.view_id);
-        if !was_leaving && resumable.is_none() {
+        // Announce the view unless the model holds it and no leave of it is queued: a client back
+        // within the leave delay never left, while one whose view the model dropped (or never
+        // had, as after a restart, until the reset batch) joins again.
+        let leave_queued = session.users.left.contains(&join.view_id);
+        let announced = session.in_model.contains(&join.view_id) || session.users.joined.contains(&join.view_id);
+        if !announced || leave_queued {
             queue_user_change(session, now, self.config.users_batch_ms, join.view_id, true);
         }
         let state = self.clients.get_mut(&client).expect("joined client is connected");
@@ -574,12 +597,15 @@ impl Reflector {
             last_broadcast: now,
             last_mark: 0,
             buffered_bytes: 0,
+            reseeding: false,
             damage: None,
             opened_by: origin,
             idle_since: None,
             initial_persisted: None,
             snapshot: None,
             events: VecDeque::new(),
+            in_model: Default::default(),
+            stamped: Default::default(),
             clients: Vec::new(),
             users: UsersBatch::default(),
             reset_pending: false,
@@ -612,13 +638,22 @@ impl Reflector {
                 session.persistent_id = stored.meta.persistent_id;
                 session.tick_ms = stored.meta.tick_ms;
                 session.initial_persisted = stored.meta.initial_persisted;
+                if let Some((seq, time)) = stored.meta.reseeded_from
+                    && stored.snapshot.is_none()
+                {
+                    session.reseeding = true;
+                    session.seq = seq;
+                    session.base_time = session.base_time.max(time);
+                    session.last_mark = session.base_time;
+                }
                 session.seq = match (stored.events.last(), &stored.snapshot) {
                     (Some(event), _) => event.seq,
                     (None, Some(snapshot)) => snapshot.seq,
-                    (None, None) => INITIAL_SEQ,
+                    (None, None) => session.seq,
                 };
                 session.snapshot = stored.snapshot;
                 session.buffered_bytes = stored.events.iter().map(event_bytes).sum();
+                stored.events.iter().for_each(|event| session.note_stamped(event));
                 session.events = stored.events.into();
                 // Whoever was connected before the restart is gone: the next join batch tells the
                 // model who is really there.
@@ -628,15 +663,34 @@ impl Reflector {
             None => {
                 // A damaged document refuses the session rather than start it without its data.
                 session.initial_persisted = self.persisted_for(&join.persistent_id)?;
+                // A client that holds a running model of a session this reflector does not know
+                // (it lost its storage, or is another machine): the session continues from there.
+                let reseeded_from = join.resume_after.map(|after| (after, join.held_time));
+                if let Some((seq, time)) = reseeded_from {
+                    session.seq = seq;
+                    session.base_time = time;
+                    session.last_mark = time;
+                    session.reseeding = true;
+                    session.reset_pending = true;
+                }
                 if let Some(storage) = self.storage.as_mut() {
                     let meta = SessionMeta {
                         persistent_id: join.persistent_id,
                         tick_ms,
                         initial_persisted: session.initial_persisted.clone(),
+                        reseeded_from,
                     };
                     storage.create_session(&join.session_id, &meta)?;
                 }
-                tracing::info!(session = %join.session_id, "session created");
+                match reseeded_from {
+                    Some((seq, time)) => tracing::warn!(
+                        session = %join.session_id,
+                        seq,
+                        time,
+                        "unknown session continued from a replica's state (this reflector lost it)"
+                    ),
+                    None => tracing::info!(session = %join.session_id, "session created"),
+                }
             }
         }
         Ok(session)
@@ -870,6 +924,7 @@ impl Reflector {
             }
         }
         session.snapshot = Some(record);
+        session.reseeding = false;
         self.outputs.push(Output::Send { client, message: Arc::new(ServerMessage::SnapshotAccepted { time, seq }) });
     }
 
@@ -934,7 +989,23 @@ fn flush_users(session: &mut Session, now: u64, storage: &mut Store, outputs: &m
     let reset = session.reset_pending;
     let body = EventBody::Users { joined: users.joined.clone(), left: users.left.clone(), reset };
     match broadcast_event(session, now, body, storage, outputs) {
-        Ok(()) => session.reset_pending = false,
+        Ok(()) => {
+            session.reset_pending = false;
+            if reset {
+                session.in_model.clear();
+            }
+            for view in &users.left {
+                session.in_model.remove(view);
+            }
+            session.in_model.extend(users.joined.iter().copied());
+            if session.reseeding {
+                // The replicas now agree on who is there: ask them for the snapshot that lets
+                // everyone else join again.
+                if let Err(error) = broadcast_event(session, now, EventBody::SnapshotRequest, storage, outputs) {
+                    tracing::error!(session = %session.id, %error, "cannot ask for a snapshot");
+                }
+            }
+        }
         Err(error) => {
             // Try again with the next batch.
             tracing::error!(session = %session.id, %error, "join/leave notice not recorded; retrying");
@@ -957,6 +1028,7 @@ fn broadcast_event(
     }
     session.seq = event.seq;
     session.buffered_bytes += event_bytes(&event);
+    session.note_stamped(&event);
     session.events.push_back(event.clone());
     session.last_broadcast = now;
     let message = Arc::new(ServerMessage::Event(event));

@@ -1,8 +1,8 @@
 //! The state of one session inside the reflector.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use synq_protocol::ids::{Hash32, PersistentId, SessionId, ViewId};
-use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent, VotePurpose};
+use synq_protocol::wire::{EventBody, PersistRecord, SentId, SessionTime, SnapshotRecord, StampedEvent, VotePurpose};
 
 use crate::core::ClientId;
 
@@ -46,6 +46,9 @@ pub(crate) struct Session {
     pub last_mark: SessionTime,
     /// Bytes of the buffered events (payloads and a fixed overhead each).
     pub buffered_bytes: usize,
+    /// Continued from a replica's state, and no snapshot taken since: clients that do not hold
+    /// the state cannot join yet.
+    pub reseeding: bool,
     /// What storage reported lost when the session was loaded, told to every joiner.
     pub damage: Option<String>,
     /// Where the client that made the reflector open (or load) the session comes from.
@@ -57,6 +60,12 @@ pub(crate) struct Session {
     pub snapshot: Option<SnapshotRecord>,
     /// Every event after the snapshot (or since the session started), in order.
     pub events: VecDeque<StampedEvent>,
+    /// The views the session's model holds, as this reflector announced them since it loaded the
+    /// session (empty after a load until the first join batch, which carries `reset`).
+    pub in_model: BTreeSet<ViewId>,
+    /// The last event stamped from each view that may send events again ([`SentId`]): an event
+    /// sent again after a reconnect is stamped once.
+    pub stamped: HashMap<ViewId, SentId>,
     /// Clients that received their `Sync`, in join order.
     pub clients: Vec<(ClientId, ViewId)>,
     pub users: UsersBatch,
@@ -85,6 +94,18 @@ impl Session {
         self.clients.iter().any(|(_, v)| *v == view)
     }
 
+    /// Whether `id` from `view` was stamped already (same sender instance, not a later event).
+    pub fn already_stamped(&self, view: ViewId, id: SentId) -> bool {
+        self.stamped.get(&view).is_some_and(|last| last.origin == id.origin && id.seq <= last.seq)
+    }
+
+    /// Records a stamped event's sender id.
+    pub fn note_stamped(&mut self, event: &StampedEvent) {
+        if let EventBody::View { sender, sent: Some(id), .. } = &event.body {
+            self.stamped.insert(*sender, *id);
+        }
+    }
+
     /// Bytes this session holds in memory: buffered events, the snapshot, the initial data.
     pub fn memory_bytes(&self) -> usize {
         self.buffered_bytes
@@ -98,8 +119,8 @@ impl Session {
 pub(crate) fn event_bytes(event: &StampedEvent) -> usize {
     const OVERHEAD: usize = 64;
     match &event.body {
-        synq_protocol::wire::EventBody::View { payload, .. } => OVERHEAD + payload.len(),
-        synq_protocol::wire::EventBody::Users { joined, left, .. } => OVERHEAD + 8 * (joined.len() + left.len()),
-        synq_protocol::wire::EventBody::SnapshotRequest => OVERHEAD,
+        EventBody::View { payload, .. } => OVERHEAD + payload.len(),
+        EventBody::Users { joined, left, .. } => OVERHEAD + 8 * (joined.len() + left.len()),
+        EventBody::SnapshotRequest => OVERHEAD,
     }
 }

@@ -95,6 +95,10 @@ pub struct SessionMeta {
     /// The persisted data the session started from (what every fresh start of it must get, even
     /// after newer data was persisted).
     pub initial_persisted: Option<PersistRecord>,
+    /// Set when the session was continued from a replica's state (the reflector had lost it):
+    /// the sequence number and model time it continued from. Until a snapshot is stored, the
+    /// session's start is unknown here and only replicas that hold it may join.
+    pub reseeded_from: Option<(u32, SessionTime)>,
 }
 
 /// A session as loaded from storage.
@@ -292,7 +296,7 @@ mod tests {
 
     fn event(seq: u32, time: u64) -> StampedEvent {
         let payload = Sealed { nonce: [seq as u8; 24], ciphertext: vec![seq as u8; 40] };
-        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), payload } }
+        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), sent: None, payload } }
     }
 
     const S: SessionId = SessionId([4; 32]);
@@ -300,7 +304,12 @@ mod tests {
     #[test]
     fn memory_storage_keeps_the_latest_time_through_a_snapshot() {
         let mut storage = MemoryStorage::default();
-        let meta = SessionMeta { persistent_id: PersistentId([5; 32]), tick_ms: 50, initial_persisted: None };
+        let meta = SessionMeta {
+            persistent_id: PersistentId([5; 32]),
+            tick_ms: 50,
+            initial_persisted: None,
+            reseeded_from: None,
+        };
         storage.create_session(&S, &meta).unwrap();
         storage.append_events(&S, &[event(1, 2_000)]).unwrap();
         storage.mark_time(&S, 3_014).unwrap();

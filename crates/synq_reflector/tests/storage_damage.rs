@@ -29,7 +29,7 @@ fn event(seq: u32) -> StampedEvent {
     StampedEvent {
         time: u64::from(seq) * 10,
         seq,
-        body: EventBody::View { sender: ViewId(3), payload: sealed(seq as u8) },
+        body: EventBody::View { sender: ViewId(3), sent: None, payload: sealed(seq as u8) },
     }
 }
 
@@ -52,7 +52,7 @@ fn copies_of(path: &Path) -> Vec<PathBuf> {
 fn stored_session(name: &str) -> (PathBuf, Vec<usize>) {
     let dir = temp_dir(name);
     let mut storage = DiskStorage::open(&dir).unwrap();
-    let meta = SessionMeta { persistent_id: P, tick_ms: 50, initial_persisted: None };
+    let meta = SessionMeta { persistent_id: P, tick_ms: 50, initial_persisted: None, reseeded_from: None };
     storage.create_session(&S, &meta).unwrap();
     let mut starts = Vec::new();
     for seq in 1..=EVENTS {

@@ -155,13 +155,14 @@ fn join(view: u64) -> Join {
         view_id: ViewId(view),
         tick_ms: 50,
         resume_after: None,
+        held_time: 0,
         member_key: key().member_key(),
         signature: MemberSignature::EMPTY,
     }
 }
 
 fn event(payload: &[u8]) -> ClientMessage {
-    ClientMessage::Event(Sealed { nonce: [3; 24], ciphertext: payload.to_vec() })
+    ClientMessage::Event(Sealed { nonce: [3; 24], ciphertext: payload.to_vec() }.into())
 }
 
 /// The stamped view event carrying `payload`.

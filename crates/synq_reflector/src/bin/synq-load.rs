@@ -260,6 +260,7 @@ impl LoadClient {
             view_id: self.view,
             tick_ms: 50,
             resume_after: None,
+            held_time: 0,
             member_key: key.member_key(),
             signature: MemberSignature::EMPTY,
         };
@@ -373,7 +374,7 @@ impl LoadClient {
             ciphertext[4..8].copy_from_slice(&self.sent.to_le_bytes());
             ciphertext[8..16].copy_from_slice(&sent_ns.to_le_bytes());
             row[self.sent as usize].sent.store(sent_ns + 1, Ordering::Relaxed);
-            self.send(&ClientMessage::Event(Sealed { nonce, ciphertext }));
+            self.send(&ClientMessage::Event(Sealed { nonce, ciphertext }.into()));
             self.sent += 1;
             self.next_send += interval;
             count += 1;

@@ -25,6 +25,7 @@ fn join(view: u64) -> Join {
         view_id: ViewId(view),
         tick_ms: 50,
         resume_after: None,
+        held_time: 0,
         member_key: key().member_key(),
         signature: MemberSignature::EMPTY,
     }
@@ -104,7 +105,7 @@ fn events_are_stamped_in_order_from_just_below_the_wrap_and_broadcast() {
     joined(&mut r, 1000, 2, 20);
     let mut seqs = Vec::new();
     for i in 0..20 {
-        r.handle(1000 + i, 1, ClientMessage::Event(sealed(8)));
+        r.handle(1000 + i, 1, ClientMessage::Event(sealed(8).into()));
         let out = sent(&mut r);
         let to_1 = events(&out, 1);
         assert_eq!(to_1, events(&out, 2), "both clients get the same stamped event");
@@ -122,7 +123,7 @@ fn ticks_only_after_silence() {
     joined(&mut r, 0, 1, 10);
     r.poll(30);
     assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))));
-    r.handle(40, 1, ClientMessage::Event(sealed(8)));
+    r.handle(40, 1, ClientMessage::Event(sealed(8).into()));
     r.poll(80);
     assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))), "event at 40 resets the timer");
     r.poll(90);
@@ -165,7 +166,7 @@ fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
     joined(&mut r, 0, 2, 20);
     r.poll(300);
     for _ in 0..5 {
-        r.handle(400, 1, ClientMessage::Event(sealed(8)));
+        r.handle(400, 1, ClientMessage::Event(sealed(8).into()));
     }
     let covered = INITIAL_SEQ.wrapping_add(4);
     sent(&mut r);
@@ -274,7 +275,7 @@ fn a_tally_closes_after_its_window_without_every_vote() {
 fn bad_clients_get_clear_errors() {
     let mut r = Reflector::new(ReflectorConfig::default());
     connect(&mut r, 0, 1);
-    r.handle(0, 1, ClientMessage::Event(sealed(8)));
+    r.handle(0, 1, ClientMessage::Event(sealed(8).into()));
     assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::NotJoined));
 
     let challenge = connect(&mut r, 0, 2);
@@ -287,7 +288,7 @@ fn bad_clients_get_clear_errors() {
     connect_and_join(&mut r, 0, 4, join(30));
     assert!(matches!(&sent(&mut r)[..], [(4, ServerMessage::Error(e))] if e.code == ErrorCode::DuplicateView));
 
-    r.handle(0, 3, ClientMessage::Event(sealed(20_000)));
+    r.handle(0, 3, ClientMessage::Event(sealed(20_000).into()));
     assert!(matches!(&sent(&mut r)[..], [(3, ServerMessage::Error(e))] if e.code == ErrorCode::TooLarge));
 }
 
@@ -299,11 +300,11 @@ fn a_full_buffer_asks_for_a_snapshot_then_refuses_events() {
     sent(&mut r);
     let mut requested = false;
     for _ in 0..7 {
-        r.handle(1, 1, ClientMessage::Event(sealed(8)));
+        r.handle(1, 1, ClientMessage::Event(sealed(8).into()));
         requested |= events(&sent(&mut r), 1).iter().any(|e| e.body == EventBody::SnapshotRequest);
     }
     assert!(requested);
-    r.handle(1, 1, ClientMessage::Event(sealed(8)));
+    r.handle(1, 1, ClientMessage::Event(sealed(8).into()));
     assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::BufferFull));
 }
 
@@ -326,7 +327,7 @@ fn a_restarted_reflector_resumes_its_sessions_from_storage() {
     joined(&mut r, 1000, 1, 10);
     r.poll(1300);
     for i in 0..5 {
-        r.handle(1400 + i, 1, ClientMessage::Event(sealed(8)));
+        r.handle(1400 + i, 1, ClientMessage::Event(sealed(8).into()));
     }
     r.poll(2500);
     let before = sent(&mut r);
@@ -387,7 +388,7 @@ fn events_beyond_the_rate_limit_are_refused_with_a_reason() {
     sent(&mut r);
     let mut refused = 0;
     for _ in 0..15 {
-        r.handle(100, 1, ClientMessage::Event(sealed(8)));
+        r.handle(100, 1, ClientMessage::Event(sealed(8).into()));
         refused += sent(&mut r)
             .iter()
             .filter(|(_, m)| matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::RateLimited))
@@ -395,7 +396,7 @@ fn events_beyond_the_rate_limit_are_refused_with_a_reason() {
     }
     assert_eq!(refused, 5);
     // A second later the bucket is full again.
-    r.handle(1100, 1, ClientMessage::Event(sealed(8)));
+    r.handle(1100, 1, ClientMessage::Event(sealed(8).into()));
     assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Event(_))));
 }
 
@@ -461,7 +462,7 @@ fn a_wrong_password_is_refused_at_join_and_never_reaches_the_session() {
     let challenge = connect(&mut r, 10, 2);
     r.handle(10, 2, signed_by(&intruder, &challenge, join(20)));
     // Anything it sends after the refused join is ignored by the driver; the core never joined it.
-    r.handle(10, 2, ClientMessage::Event(sealed(8)));
+    r.handle(10, 2, ClientMessage::Event(sealed(8).into()));
     r.poll(1000);
     let out = sent(&mut r);
     assert!(
@@ -590,7 +591,7 @@ fn idle_sessions_are_unloaded_and_come_back_from_storage() {
     let config = ReflectorConfig { idle_unload_ms: 5_000, ..Default::default() };
     let mut r = Reflector::with_storage(config, Box::new(crate::storage::MemoryStorage::default()));
     joined(&mut r, 0, 1, 10);
-    r.handle(100, 1, ClientMessage::Event(sealed(1000)));
+    r.handle(100, 1, ClientMessage::Event(sealed(1000).into()));
     r.poll(200);
     assert!(r.memory_bytes() >= 1000);
     r.disconnect(300, 1);
@@ -618,7 +619,7 @@ fn buffered_bytes_and_the_memory_budget_are_bounded() {
     let mut requested = false;
     let mut refused = 0;
     for _ in 0..20 {
-        r.handle(10, 1, ClientMessage::Event(sealed(1000)));
+        r.handle(10, 1, ClientMessage::Event(sealed(1000).into()));
         for (_, m) in sent(&mut r) {
             requested |= matches!(&m, ServerMessage::Event(e) if e.body == EventBody::SnapshotRequest);
             refused += usize::from(matches!(&m, ServerMessage::Error(e) if e.code == ErrorCode::BufferFull));
@@ -634,7 +635,7 @@ fn buffered_bytes_and_the_memory_budget_are_bounded() {
     sent(&mut r);
     let mut budget_refusals = 0;
     for _ in 0..20 {
-        r.handle(30, 2, ClientMessage::Event(sealed(1000)));
+        r.handle(30, 2, ClientMessage::Event(sealed(1000).into()));
         budget_refusals += sent(&mut r)
             .iter()
             .filter(|(_, m)| matches!(m, ServerMessage::Error(e) if e.message.contains("memory budget")))
@@ -654,7 +655,7 @@ fn restart_after(
     joined(&mut r, 0, 1, 10);
     r.poll(300);
     for i in 0..20 {
-        r.handle(400 + i, 1, ClientMessage::Event(sealed(8)));
+        r.handle(400 + i, 1, ClientMessage::Event(sealed(8).into()));
     }
     r.poll(500);
     drop(r);
@@ -718,5 +719,42 @@ fn a_damaged_persisted_document_refuses_a_new_session_instead_of_starting_it_emp
         "{out:?}"
     );
     assert_eq!(std::fs::read(&file).unwrap(), bytes, "the damaged document was left for the operator");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_event_sent_again_after_a_reconnect_is_stamped_once() {
+    use synq_protocol::wire::{SentId, ViewEvent};
+    let event =
+        |origin, seq| ClientMessage::Event(ViewEvent { sent: Some(SentId { origin, seq }), payload: sealed(8) });
+    let dir = std::env::temp_dir().join(format!("synq-core-dedupe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let storage = || Box::new(crate::storage::DiskStorage::open(&dir).unwrap());
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    joined(&mut r, 0, 1, 10);
+    sent(&mut r);
+    r.handle(10, 1, event(7, 1));
+    r.handle(10, 1, event(7, 2));
+    r.handle(10, 1, event(7, 2)); // the same again on this connection: ignored
+    assert_eq!(events(&sent(&mut r), 1).len(), 2);
+    drop(r); // a restart: what was stamped is known from the log
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    let mut rejoin = join(10);
+    rejoin.resume_after = Some(INITIAL_SEQ);
+    connect_and_join(&mut r, 100, 2, rejoin);
+    sent(&mut r);
+    for seq in 1..=3 {
+        r.handle(110, 2, event(7, seq)); // 1 and 2 again, then a new one
+    }
+    r.handle(110, 2, event(8, 1)); // another instance of the client (a restarted app)
+    let stamped = events(&sent(&mut r), 2);
+    let ids: Vec<_> = stamped
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::View { sent: Some(id), .. } => Some((id.origin, id.seq)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, vec![(7, 3), (8, 1)]);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -340,7 +340,7 @@ mod tests {
     }
 
     fn event(seq: u32, time: u64) -> StampedEvent {
-        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), payload: sealed(seq as u8) } }
+        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), sent: None, payload: sealed(seq as u8) } }
     }
 
     fn snapshot(time: u64, seq: u32) -> SnapshotRecord {
@@ -351,7 +351,7 @@ mod tests {
     const P: PersistentId = PersistentId([5; 32]);
 
     fn meta() -> SessionMeta {
-        SessionMeta { persistent_id: P, tick_ms: 50, initial_persisted: None }
+        SessionMeta { persistent_id: P, tick_ms: 50, initial_persisted: None, reseeded_from: None }
     }
 
     fn log_path(dir: &Path) -> PathBuf {

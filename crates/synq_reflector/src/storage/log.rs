@@ -168,7 +168,7 @@ mod tests {
 
     fn event(seq: u32, time: u64) -> StampedEvent {
         let payload = Sealed { nonce: [seq as u8; 24], ciphertext: vec![seq as u8; 40] };
-        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), payload } }
+        StampedEvent { time, seq, body: EventBody::View { sender: ViewId(3), sent: None, payload } }
     }
 
     /// A log as a session writes it: created with a mark, then events and marks appended.
