@@ -468,8 +468,10 @@ impl SynqClient {
             sync.seq,
             sync.events.len(),
             match &sync.start {
-                SyncStart::Fresh { persisted: None } => "fresh".to_string(),
-                SyncStart::Fresh { persisted: Some(p) } =>
+                SyncStart::Fresh { persisted_damaged: Some(reason), .. } =>
+                    format!("fresh, the stored persisted data is damaged ({reason})"),
+                SyncStart::Fresh { persisted: None, .. } => "fresh".to_string(),
+                SyncStart::Fresh { persisted: Some(p), .. } =>
                     format!("fresh from persisted data ({} bytes sealed)", p.data.len()),
                 SyncStart::Snapshot(s) => format!("from the snapshot at {} ms ({} bytes sealed)", s.time, s.data.len()),
                 SyncStart::Resume => "resumed".to_string(),
@@ -481,7 +483,15 @@ impl SynqClient {
             SyncStart::Resume => StartKind::Resume,
         });
         let runtime = match &sync.start {
-            SyncStart::Fresh { persisted } => {
+            SyncStart::Fresh { persisted_damaged: Some(reason), .. } => {
+                let reason = format!(
+                    "the persisted data of {}/{} is damaged on the reflector ({reason}); the session starts without it",
+                    self.config.app_id, self.config.name
+                );
+                error!("bevy_synq: {reason}");
+                ModelRuntime::fresh(self.plugin.clone(), self.settings, policy, Some(Err(reason)))
+            }
+            SyncStart::Fresh { persisted, .. } => {
                 let opened = persisted.as_ref().map(|record| {
                     self.key.open(SealKind::Persisted, &Binding::Persistent(self.ids.persistent), &record.data).map_err(
                         |_| {

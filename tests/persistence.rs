@@ -171,10 +171,15 @@ fn version_2_starts_from_version_1s_data_migrated_and_later_clients_resume_from_
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The one persisted document in the data directory (`persisted/<persistent id>.bin`).
+fn persisted_path(dir: &std::path::Path) -> std::path::PathBuf {
+    let files = std::fs::read_dir(dir.join("persisted")).unwrap().map(|entry| entry.unwrap().path());
+    let mut documents = files.filter(|path| path.extension().is_some_and(|e| e == "bin"));
+    documents.next().expect("one persisted document")
+}
+
 fn persisted_file(dir: &std::path::Path) -> Vec<u8> {
-    let persisted = dir.join("persisted");
-    let file = std::fs::read_dir(&persisted).unwrap().next().expect("one persisted file").unwrap().path();
-    std::fs::read(file).unwrap()
+    std::fs::read(persisted_path(dir)).unwrap()
 }
 
 fn problems(app: &App) -> Vec<SynqProblem> {
@@ -224,6 +229,34 @@ fn a_wrong_password_cannot_read_persisted_data() {
     publish(&mut c, "eve", 1);
     run_for(&mut [&mut c], Duration::from_millis(500));
     assert_eq!(persisted_file(&dir), before, "data readable only with the right password was overwritten");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_damaged_persisted_document_is_reported_to_the_model_and_kept() {
+    let dir = data_dir("persist-damaged");
+    let reflector = ReflectorProcess::start(&dir, None);
+    play_version_1(&reflector, "damaged", "pw", false);
+    drop(reflector);
+    let path = persisted_path(&dir);
+    let mut damaged = std::fs::read(&path).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x20;
+    std::fs::write(&path, &damaged).unwrap();
+
+    let reflector = ReflectorProcess::start(&dir, None);
+    let mut c = udp_app(v2_with(migrations_v2), session("damaged", 3, "pw"), reflector.addr);
+    run_until(&mut [&mut c], TIMEOUT, |apps| synced(apps[0]));
+    let reported = problems(&c);
+    assert!(
+        reported.iter().any(
+            |p| matches!(p, SynqProblem::Model(ModelProblem::PersistLoadFailed(reason)) if reason.contains("damaged"))
+        ),
+        "not reported to the model: {reported:?}"
+    );
+    publish(&mut c, "eve", 1);
+    run_for(&mut [&mut c], Duration::from_millis(500));
+    assert_eq!(std::fs::read(&path).unwrap(), damaged, "the damaged document was overwritten");
     let _ = std::fs::remove_dir_all(dir);
 }
 

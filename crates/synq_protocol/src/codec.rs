@@ -153,7 +153,10 @@ pub fn decode_server(frame: &[u8], limits: &Limits) -> Result<ServerMessage, Dec
             }
             match &sync.start {
                 SyncStart::Snapshot(record) => check("snapshot", record.data.len(), limits.max_snapshot_bytes)?,
-                SyncStart::Fresh { persisted: Some(record) } => {
+                SyncStart::Fresh { persisted: Some(record), persisted_damaged } => {
+                    if let Some(reason) = persisted_damaged {
+                        check("persisted-data damage report", reason.len(), 4096)?;
+                    }
                     check("persisted data", record.data.len(), limits.max_persist_bytes)?
                 }
                 _ => {}

@@ -205,6 +205,10 @@ pub enum SyncStart {
     Fresh {
         /// The persisted data of the session's persistent id, if any.
         persisted: Option<PersistRecord>,
+        /// Set when the reflector holds persisted data for the persistent id but it is damaged:
+        /// init runs without it and the model is told why (persisting is then disabled, so the
+        /// stored document stays for the operator to restore).
+        persisted_damaged: Option<String>,
     },
     /// Restore the latest snapshot.
     Snapshot(SnapshotRecord),

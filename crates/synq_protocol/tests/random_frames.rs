@@ -86,7 +86,7 @@ fn seeds() -> Vec<Vec<u8>> {
             time: 0,
             seq: 0,
             tick_ms: 50,
-            start: SyncStart::Fresh { persisted: Some(persist) },
+            start: SyncStart::Fresh { persisted: Some(persist), persisted_damaged: Some("checksum".into()) },
             events: vec![],
         }),
         ServerMessage::Event(users),

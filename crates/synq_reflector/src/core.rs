@@ -547,7 +547,8 @@ impl Reflector {
                     // Every fresh start of a session — the first client's and a late joiner's
                     // replay from the beginning — gets the data the session started from.
                     let persisted = session.initial_persisted.clone();
-                    (SyncStart::Fresh { persisted }, session.events.iter().cloned().collect())
+                    let persisted_damaged = session.initial_persisted_damaged.clone();
+                    (SyncStart::Fresh { persisted, persisted_damaged }, session.events.iter().cloned().collect())
                 }
             },
         };
@@ -602,6 +603,7 @@ impl Reflector {
             opened_by: origin,
             idle_since: None,
             initial_persisted: None,
+            initial_persisted_damaged: None,
             snapshot: None,
             events: VecDeque::new(),
             in_model: Default::default(),
@@ -638,6 +640,7 @@ impl Reflector {
                 session.persistent_id = stored.meta.persistent_id;
                 session.tick_ms = stored.meta.tick_ms;
                 session.initial_persisted = stored.meta.initial_persisted;
+                session.initial_persisted_damaged = stored.meta.initial_persisted_damaged;
                 if let Some((seq, time)) = stored.meta.reseeded_from
                     && stored.snapshot.is_none()
                 {
@@ -661,8 +664,13 @@ impl Reflector {
                 tracing::info!(session = %join.session_id, time, events = session.events.len(), "session resumed from storage");
             }
             None => {
-                // A damaged document refuses the session rather than start it without its data.
-                session.initial_persisted = self.persisted_for(&join.persistent_id)?;
+                // A damaged document is never taken for "no data": the session starts without it,
+                // every fresh start of it is told why, and the model disables persisting, so the
+                // stored document stays for the operator to restore.
+                match self.persisted_for(&join.persistent_id) {
+                    Ok(persisted) => session.initial_persisted = persisted,
+                    Err(error) => session.initial_persisted_damaged = Some(error.public_reason()),
+                }
                 // A client that holds a running model of a session this reflector does not know
                 // (it lost its storage, or is another machine): the session continues from there.
                 let reseeded_from = join.resume_after.map(|after| (after, join.held_time));
@@ -679,6 +687,7 @@ impl Reflector {
                         tick_ms,
                         initial_persisted: session.initial_persisted.clone(),
                         reseeded_from,
+                        initial_persisted_damaged: session.initial_persisted_damaged.clone(),
                     };
                     storage.create_session(&join.session_id, &meta)?;
                 }

@@ -55,6 +55,8 @@ pub(crate) struct Session {
     pub opened_by: Option<std::net::IpAddr>,
     /// Reflector clock at which the session was left without clients.
     pub idle_since: Option<u64>,
+    /// Why the persisted data this session should have started from was unreadable (damaged).
+    pub initial_persisted_damaged: Option<String>,
     /// The persisted data this session started from: every fresh start gets this one.
     pub initial_persisted: Option<PersistRecord>,
     pub snapshot: Option<SnapshotRecord>,

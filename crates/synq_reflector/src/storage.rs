@@ -99,6 +99,9 @@ pub struct SessionMeta {
     /// the sequence number and model time it continued from. Until a snapshot is stored, the
     /// session's start is unknown here and only replicas that hold it may join.
     pub reseeded_from: Option<(u32, SessionTime)>,
+    /// Why the persisted data the session should have started from could not be read (it was
+    /// damaged): every fresh start of the session is told the same.
+    pub initial_persisted_damaged: Option<String>,
 }
 
 /// A session as loaded from storage.
@@ -309,6 +312,7 @@ mod tests {
             tick_ms: 50,
             initial_persisted: None,
             reseeded_from: None,
+            initial_persisted_damaged: None,
         };
         storage.create_session(&S, &meta).unwrap();
         storage.append_events(&S, &[event(1, 2_000)]).unwrap();

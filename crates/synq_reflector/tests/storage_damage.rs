@@ -52,7 +52,13 @@ fn copies_of(path: &Path) -> Vec<PathBuf> {
 fn stored_session(name: &str) -> (PathBuf, Vec<usize>) {
     let dir = temp_dir(name);
     let mut storage = DiskStorage::open(&dir).unwrap();
-    let meta = SessionMeta { persistent_id: P, tick_ms: 50, initial_persisted: None, reseeded_from: None };
+    let meta = SessionMeta {
+        persistent_id: P,
+        tick_ms: 50,
+        initial_persisted: None,
+        reseeded_from: None,
+        initial_persisted_damaged: None,
+    };
     storage.create_session(&S, &meta).unwrap();
     let mut starts = Vec::new();
     for seq in 1..=EVENTS {

@@ -322,7 +322,7 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     joiner.join(new_version);
     let persisted = joiner.wait_for("Sync", |m| match m {
         ServerMessage::Sync(sync) => match &sync.start {
-            SyncStart::Fresh { persisted } => Some(persisted.clone()),
+            SyncStart::Fresh { persisted, .. } => Some(persisted.clone()),
             other => panic!("unexpected start {other:?}"),
         },
         _ => None,

@@ -100,7 +100,7 @@ fn joined(r: &mut Reflector, now: u64, client: ClientId, view: u64) -> Sync {
 fn events_are_stamped_in_order_from_just_below_the_wrap_and_broadcast() {
     let mut r = Reflector::new(ReflectorConfig::default());
     let sync = joined(&mut r, 1000, 1, 10);
-    assert!(matches!(sync.start, SyncStart::Fresh { persisted: None }));
+    assert!(matches!(sync.start, SyncStart::Fresh { persisted: None, persisted_damaged: None }));
     assert_eq!(sync.seq, INITIAL_SEQ);
     joined(&mut r, 1000, 2, 20);
     let mut seqs = Vec::new();
@@ -425,7 +425,7 @@ fn every_fresh_start_of_a_session_gets_the_persisted_data_it_started_with() {
     connect_and_join(&mut r, 10, 2, new_code.clone());
     let first = sent(&mut r);
     assert!(first.iter().any(|(c, m)| *c == 2
-        && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()) })));
+        && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()), persisted_damaged: None })));
     // ...then persists newer data before any snapshot exists.
     let newer = persist_record(5, [2; 32], sealed(11));
     r.handle(
@@ -448,7 +448,7 @@ fn every_fresh_start_of_a_session_gets_the_persisted_data_it_started_with() {
     let late = sent(&mut r);
     assert!(
         late.iter().any(|(c, m)| *c == 3
-            && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()) })),
+            && matches!(m, ServerMessage::Sync(s) if s.start == SyncStart::Fresh { persisted: Some(old.clone()), persisted_damaged: None })),
         "{late:?}"
     );
 }
@@ -695,7 +695,7 @@ fn a_session_that_lost_part_of_its_log_says_so_to_its_clients() {
 }
 
 #[test]
-fn a_damaged_persisted_document_refuses_a_new_session_instead_of_starting_it_empty() {
+fn a_damaged_persisted_document_is_reported_to_every_fresh_start_never_taken_for_no_data() {
     let dir = std::env::temp_dir().join(format!("synq-core-persist-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let storage = || Box::new(crate::storage::DiskStorage::open(&dir).unwrap());
@@ -712,13 +712,22 @@ fn a_damaged_persisted_document_refuses_a_new_session_instead_of_starting_it_emp
     let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
     let mut new_code = join(20);
     new_code.session_id = SessionId([3; 32]);
-    connect_and_join(&mut r, 10, 2, new_code);
-    let out = sent(&mut r);
-    assert!(
-        matches!(&out[..], [(2, ServerMessage::Error(e))] if e.code == ErrorCode::Unavailable && e.message.contains("persisted data")),
-        "{out:?}"
-    );
+    connect_and_join(&mut r, 10, 2, new_code.clone());
+    let damaged = |out: &[(ClientId, ServerMessage)], client| {
+        out.iter().any(|(c, m)| {
+            *c == client
+                && matches!(m, ServerMessage::Sync(s) if matches!(&s.start,
+                    SyncStart::Fresh { persisted: None, persisted_damaged: Some(reason) } if reason.contains("persisted data") && !reason.contains('/')))
+        })
+    };
+    assert!(damaged(&sent(&mut r), 2));
     assert_eq!(std::fs::read(&file).unwrap(), bytes, "the damaged document was left for the operator");
+    // A restart, then a late joiner replaying the session from its start: told the same.
+    drop(r);
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
+    new_code.view_id = ViewId(30);
+    connect_and_join(&mut r, 10, 3, new_code);
+    assert!(damaged(&sent(&mut r), 3), "a fresh start of the session was told something else");
     let _ = std::fs::remove_dir_all(dir);
 }
 

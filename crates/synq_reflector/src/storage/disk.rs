@@ -351,7 +351,13 @@ mod tests {
     const P: PersistentId = PersistentId([5; 32]);
 
     fn meta() -> SessionMeta {
-        SessionMeta { persistent_id: P, tick_ms: 50, initial_persisted: None, reseeded_from: None }
+        SessionMeta {
+            persistent_id: P,
+            tick_ms: 50,
+            initial_persisted: None,
+            reseeded_from: None,
+            initial_persisted_damaged: None,
+        }
     }
 
     fn log_path(dir: &Path) -> PathBuf {
