@@ -178,6 +178,8 @@ pub struct Reflector {
     /// Bytes held in memory: buffered events, snapshots, persisted documents.
     memory: usize,
     last_housekeeping: u64,
+    /// Connections accepted since start.
+    connections: u64,
 }
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> ErrorMessage {
@@ -198,6 +200,7 @@ impl Reflector {
             last_sync: 0,
             memory: 0,
             last_housekeeping: 0,
+            connections: 0,
         }
     }
 
@@ -251,6 +254,11 @@ impl Reflector {
         self.outputs.drain(..)
     }
 
+    /// Connections accepted since the reflector started.
+    pub fn connections_accepted(&self) -> u64 {
+        self.connections
+    }
+
     /// Bytes of events, snapshots and persisted documents held in memory.
     pub fn memory_bytes(&self) -> usize {
         self.memory
@@ -268,6 +276,7 @@ impl Reflector {
 
     /// A new connection from `origin` (its IP address), which the per-origin limits count.
     pub fn connect_from(&mut self, now: u64, client: ClientId, origin: Option<std::net::IpAddr>) {
+        self.connections += 1;
         let challenge = Challenge::random();
         let state = ClientState {
             session: None,
