@@ -279,3 +279,116 @@ fn a_reflector_that_lost_its_storage_continues_the_session_from_the_replicas() {
     assert_eq!(model_resource::<Ledger>(&c).unwrap(), after);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs two clients through ten notes each and returns the ledger.
+fn play(a: &mut App, b: &mut App, from: u32) -> Ledger {
+    let before = ledger_len(a);
+    for i in from..from + 10 {
+        note(a, i);
+        note(b, 1000 + i);
+        run_until(&mut [&mut *a, &mut *b], TIMEOUT, |_| true);
+    }
+    run_until(&mut [&mut *a, &mut *b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == before + 20));
+    model_resource::<Ledger>(a).unwrap()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_session_rolled_back_on_disk_continues_from_the_replicas() {
+    let dir = data_dir("restart-rollback");
+    let earlier = data_dir("restart-rollback-copy");
+    let mut reflector = ReflectorProcess::start(&dir, None);
+    let addr = reflector.addr;
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    play(&mut a, &mut b, 0);
+    // Back up the data directory (the reflector stopped for a consistent copy) …
+    reflector.kill();
+    copy_dir(&dir, &earlier);
+    reflector = ReflectorProcess::start(&dir, Some(addr));
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let played = play(&mut a, &mut b, 10);
+    // … and restore it: the reflector now holds an older state than the replicas.
+    reflector.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&earlier, &dir);
+    without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
+    let _restored = ReflectorProcess::start(&dir, Some(addr));
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 2 && synced(app))
+    });
+    let after = play(&mut a, &mut b, 20);
+    assert_eq!(&after.0[..40], &played.0[..], "events the replicas executed were lost with the rollback");
+    let mut c = udp_app(model, session(3), addr);
+    run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| synced(apps[2]) && ledger_len(apps[2]) == 60);
+    assert_eq!(model_resource::<Ledger>(&c).unwrap(), after);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(earlier);
+}
+
+#[test]
+fn a_damaged_event_log_is_restored_from_the_replicas() {
+    let dir = data_dir("restart-damaged-log");
+    let mut reflector = ReflectorProcess::start(&dir, None);
+    let addr = reflector.addr;
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let played = play(&mut a, &mut b, 0);
+    reflector.kill();
+    // A flipped byte in the middle of the session's log: a record in the middle is lost.
+    let sessions = dir.join("sessions");
+    let session_dir = std::fs::read_dir(&sessions).unwrap().next().unwrap().unwrap().path();
+    let log = session_dir.join("events.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&log, &bytes).unwrap();
+    without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
+    let _restarted = ReflectorProcess::start(&dir, Some(addr));
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
+    });
+    let after = play(&mut a, &mut b, 10);
+    assert_eq!(&after.0[..20], &played.0[..], "events were lost with the damaged record");
+    assert_eq!(model_resource::<Ledger>(&b).unwrap(), after);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn clients_pointed_at_another_reflector_continue_the_session_there() {
+    let dir = data_dir("restart-moved");
+    let other_dir = data_dir("restart-moved-other");
+    let mut first = ReflectorProcess::start(&dir, None);
+    let target = common::process::MovableReflector(std::sync::Arc::new(std::sync::Mutex::new(first.addr)));
+    let mut a = common::process::movable_app(model, session(1), &target);
+    let mut b = common::process::movable_app(model, session(2), &target);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let played = play(&mut a, &mut b, 0);
+    // Another reflector, on another port, with nothing of the session: the clients move to it.
+    let second = ReflectorProcess::start(&other_dir, None);
+    *target.0.lock().unwrap() = second.addr;
+    first.kill();
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
+    });
+    let after = play(&mut a, &mut b, 10);
+    assert_eq!(&after.0[..20], &played.0[..], "the game was lost in the move");
+    let mut c = udp_app(model, session(3), second.addr);
+    run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| synced(apps[2]) && ledger_len(apps[2]) == 40);
+    assert_eq!(model_resource::<Ledger>(&c).unwrap(), after);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(other_dir);
+}

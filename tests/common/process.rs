@@ -112,9 +112,35 @@ impl Drop for ReflectorProcess {
 
 /// A client app on a UDP reflector.
 pub fn udp_app(model: impl ModelPlugin, session: SessionConfig, addr: SocketAddr) -> App {
+    app_with(model, session, ReflectorTarget::Udp(addr))
+}
+
+/// Where a client connects, changeable while it runs (as a game would after a failover).
+#[derive(Clone)]
+pub struct MovableReflector(pub std::sync::Arc<std::sync::Mutex<SocketAddr>>);
+
+impl bevy_synq::transport::Connector for MovableReflector {
+    fn connect(&mut self) -> Result<Box<dyn bevy_synq::transport::Connection>, String> {
+        let addr = *self.0.lock().unwrap();
+        bevy_synq::transport::udp::UdpConnector::new(addr, bevy_synq::reflector::server::DEFAULT_PROTOCOL_ID).connect()
+    }
+
+    fn describe(&self) -> String {
+        format!("the reflector at udp://{}", self.0.lock().unwrap())
+    }
+}
+
+/// A client app whose reflector address can be changed while it runs.
+pub fn movable_app(model: impl ModelPlugin, session: SessionConfig, reflector: &MovableReflector) -> App {
+    let connector: Box<dyn bevy_synq::transport::Connector> = Box::new(reflector.clone());
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(connector)));
+    app_with(model, session, ReflectorTarget::Custom(slot))
+}
+
+fn app_with(model: impl ModelPlugin, session: SessionConfig, target: ReflectorTarget) -> App {
     let mut app = App::new();
     app.add_plugins(MinimalPlugins);
-    app.add_plugins(SynqPlugin::new(model, session).with_reflector(ReflectorTarget::Udp(addr)));
+    app.add_plugins(SynqPlugin::new(model, session).with_reflector(target));
     app.init_resource::<super::Problems>().add_systems(Last, super::record_problems);
     app.finish();
     app.cleanup();

@@ -592,10 +592,31 @@ impl Reflector {
         tick_ms: u32,
         origin: Option<std::net::IpAddr>,
     ) -> Result<Session, StorageError> {
-        let stored = match self.storage.as_mut() {
+        let mut stored = match self.storage.as_mut() {
             Some(storage) => storage.load_session(&join.session_id)?,
             None => None,
         };
+        // A returning replica that holds more of the session than storage does (the files were
+        // rolled back, or lost records): the replicas have lost nothing, so the session continues
+        // from the replica, as for a session this reflector never knew.
+        let mut carried_persisted = None;
+        if let (Some(held), Some(found)) = (join.resume_after, &stored) {
+            let stored_seq = match (found.events.last(), &found.snapshot) {
+                (Some(event), _) => event.seq,
+                (None, Some(snapshot)) => snapshot.seq,
+                (None, None) => INITIAL_SEQ,
+            };
+            let gap = found.damage.as_ref().is_some_and(|d| !d.missing_seqs.is_empty());
+            if gap || !seq_le(held, stored_seq) {
+                tracing::warn!(
+                    session = %join.session_id,
+                    stored_seq,
+                    held,
+                    "a replica holds more of the session than storage: continuing from the replica"
+                );
+                carried_persisted = stored.take().map(|s| (s.meta.initial_persisted, s.meta.initial_persisted_damaged));
+            }
+        }
         let mut session = Session {
             id: join.session_id,
             persistent_id: join.persistent_id,
@@ -676,9 +697,15 @@ impl Reflector {
                 // A damaged document is never taken for "no data": the session starts without it,
                 // every fresh start of it is told why, and the model disables persisting, so the
                 // stored document stays for the operator to restore.
-                match self.persisted_for(&join.persistent_id) {
-                    Ok(persisted) => session.initial_persisted = persisted,
-                    Err(error) => session.initial_persisted_damaged = Some(error.public_reason()),
+                match carried_persisted {
+                    Some((persisted, damaged)) => {
+                        session.initial_persisted = persisted;
+                        session.initial_persisted_damaged = damaged;
+                    }
+                    None => match self.persisted_for(&join.persistent_id) {
+                        Ok(persisted) => session.initial_persisted = persisted,
+                        Err(error) => session.initial_persisted_damaged = Some(error.public_reason()),
+                    },
                 }
                 // A client that holds a running model of a session this reflector does not know
                 // (it lost its storage, or is another machine): the session continues from there.

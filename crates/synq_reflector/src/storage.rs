@@ -185,7 +185,8 @@ pub trait Storage: Send {
     /// the module documentation) and what was lost reported in [`StoredSession::damage`]; other
     /// damaged files of the session are errors.
     fn load_session(&mut self, session: &SessionId) -> Result<Option<StoredSession>, StorageError>;
-    /// Records a new session's metadata.
+    /// Records a new session's metadata, or starts a stored session over: its log is replaced and
+    /// its snapshot set aside.
     fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError>;
     /// Appends events to the session's log. Called before they are broadcast.
     fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError>;

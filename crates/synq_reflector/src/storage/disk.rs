@@ -252,6 +252,13 @@ impl Storage for DiskStorage {
 
     fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError> {
         self.logs.remove(session);
+        // Starting a stored session over (it continues from a replica): its snapshot is set aside,
+        // never served again, and kept for the operator.
+        let snapshot = self.session_dir(session).join("snapshot.bin");
+        if snapshot.exists() {
+            let aside = self.session_dir(session).join("snapshot.bin.superseded");
+            fs::rename(&snapshot, &aside).map_err(io_err(&snapshot))?;
+        }
         // The log first: a session is only there once its metadata is, and then it has a log.
         write_file_atomic(&self.log_path(session), &log::new_log(&[], 0))?;
         write_checked(&self.session_dir(session).join("meta.bin"), meta, "session metadata")
