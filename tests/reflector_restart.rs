@@ -52,14 +52,31 @@ fn ledger_len(app: &App) -> usize {
     model_resource::<Ledger>(app).map_or(0, |l| l.0.len())
 }
 
+/// Two synced clients (views 1 and 2) of the session on the reflector at `addr`.
+fn two_clients(addr: std::net::SocketAddr) -> (App, App) {
+    let mut a = udp_app(model, session(1), addr);
+    let mut b = udp_app(model, session(2), addr);
+    all_synced(&mut a, &mut b);
+    (a, b)
+}
+
+fn all_synced(a: &mut App, b: &mut App) {
+    run_until(&mut [a, b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+}
+
+/// Runs the clients until each reconnected at least `times` times and is synced again.
+fn back_after(a: &mut App, b: &mut App, times: u32) {
+    run_until(&mut [a, b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= times && synced(app))
+    });
+}
+
 #[test]
 fn a_killed_reflector_restarts_and_the_session_continues_with_nothing_acknowledged_lost() {
     let dir = data_dir("restart");
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
-    let mut a = udp_app(model, session(1), addr);
-    let mut b = udp_app(model, session(2), addr);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let (mut a, mut b) = two_clients(addr);
     for i in 0..10 {
         note(&mut a, i);
         note(&mut b, 100 + i);
@@ -79,9 +96,7 @@ fn a_killed_reflector_restarts_and_the_session_continues_with_nothing_acknowledg
     }
     let _restarted = ReflectorProcess::start(&dir, Some(addr));
 
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
-        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
-    });
+    back_after(&mut a, &mut b, 1);
     for i in 0..5 {
         note(&mut a, 1000 + i);
     }
@@ -138,9 +153,7 @@ fn after_a_restart_the_views_in_the_model_are_exactly_the_connected_clients() {
     drop(leaver); // gone while the reflector was down: it never comes back
     without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
     let _restarted = ReflectorProcess::start(&dir, Some(addr));
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
-        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
-    });
+    back_after(&mut a, &mut b, 1);
     let mut newcomer = udp_app(model, session(4), addr);
     run_until(&mut [&mut a, &mut b, &mut newcomer], TIMEOUT, |apps| {
         apps.iter().all(|app| synced(app)) && apps.iter().all(|app| views(app) == [ViewId(1), ViewId(2), ViewId(4)])
@@ -164,9 +177,7 @@ fn clients_back_after_a_long_outage_sync_again() {
     let dir = data_dir("restart-long");
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
-    let mut a = udp_app(model, session(1), addr);
-    let mut b = udp_app(model, session(2), addr);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let (mut a, mut b) = two_clients(addr);
     note(&mut a, 1);
     run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == 1));
 
@@ -188,9 +199,7 @@ fn events_published_around_a_kill_are_executed_exactly_once() {
     let dir = data_dir("restart-burst");
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
-    let mut a = udp_app(model, session(1), addr);
-    let mut b = udp_app(model, session(2), addr);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let (mut a, mut b) = two_clients(addr);
     // Both publish every frame, before, during and after an outage of the reflector.
     let mut published = 0u32;
     let mut restarted = None;
@@ -242,9 +251,7 @@ fn a_reflector_that_lost_its_storage_continues_the_session_from_the_replicas() {
     let dir = data_dir("restart-wiped");
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
-    let mut a = udp_app(model, session(1), addr);
-    let mut b = udp_app(model, session(2), addr);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let (mut a, mut b) = two_clients(addr);
     for i in 0..10 {
         note(&mut a, i);
         run_until(&mut [&mut a, &mut b], TIMEOUT, |_| true);
@@ -310,15 +317,13 @@ fn a_session_rolled_back_on_disk_continues_from_the_replicas() {
     let earlier = data_dir("restart-rollback-copy");
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
-    let mut a = udp_app(model, session(1), addr);
-    let mut b = udp_app(model, session(2), addr);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let (mut a, mut b) = two_clients(addr);
     play(&mut a, &mut b, 0);
     // Back up the data directory (the reflector stopped for a consistent copy) …
     reflector.kill();
     copy_dir(&dir, &earlier);
     reflector = ReflectorProcess::start(&dir, Some(addr));
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    all_synced(&mut a, &mut b);
     let played = play(&mut a, &mut b, 10);
     // … and restore it: the reflector now holds an older state than the replicas.
     reflector.kill();
@@ -326,9 +331,7 @@ fn a_session_rolled_back_on_disk_continues_from_the_replicas() {
     copy_dir(&earlier, &dir);
     without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
     let _restored = ReflectorProcess::start(&dir, Some(addr));
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
-        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 2 && synced(app))
-    });
+    back_after(&mut a, &mut b, 2);
     let after = play(&mut a, &mut b, 20);
     assert_eq!(&after.0[..40], &played.0[..], "events the replicas executed were lost with the rollback");
     let mut c = udp_app(model, session(3), addr);
@@ -343,9 +346,7 @@ fn a_damaged_event_log_is_restored_from_the_replicas() {
     let dir = data_dir("restart-damaged-log");
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
-    let mut a = udp_app(model, session(1), addr);
-    let mut b = udp_app(model, session(2), addr);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let (mut a, mut b) = two_clients(addr);
     let played = play(&mut a, &mut b, 0);
     reflector.kill();
     // A flipped byte in the middle of the session's log: a record in the middle is lost.
@@ -358,9 +359,7 @@ fn a_damaged_event_log_is_restored_from_the_replicas() {
     std::fs::write(&log, &bytes).unwrap();
     without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
     let _restarted = ReflectorProcess::start(&dir, Some(addr));
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
-        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
-    });
+    back_after(&mut a, &mut b, 1);
     let after = play(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "events were lost with the damaged record");
     assert_eq!(model_resource::<Ledger>(&b).unwrap(), after);
@@ -375,15 +374,13 @@ fn clients_pointed_at_another_reflector_continue_the_session_there() {
     let target = common::process::MovableReflector(std::sync::Arc::new(std::sync::Mutex::new(first.addr)));
     let mut a = common::process::movable_app(model, session(1), &target);
     let mut b = common::process::movable_app(model, session(2), &target);
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    all_synced(&mut a, &mut b);
     let played = play(&mut a, &mut b, 0);
     // Another reflector, on another port, with nothing of the session: the clients move to it.
     let second = ReflectorProcess::start(&other_dir, None);
     *target.0.lock().unwrap() = second.addr;
     first.kill();
-    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
-        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
-    });
+    back_after(&mut a, &mut b, 1);
     let after = play(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "the game was lost in the move");
     let mut c = udp_app(model, session(3), second.addr);
