@@ -6,8 +6,8 @@ mod common;
 
 use bevy_synq::protocol::crypto::{Binding, SealKind, SessionKey};
 use bevy_synq::protocol::membership::{self, MemberSignature};
-use bevy_synq::protocol::wire::{ClientMessage, HashVote, Join, ServerMessage, SnapshotRecord, VotePurpose};
-use bevy_synq::protocol::{INITIAL_SEQ, PROTOCOL_VERSION, ViewId};
+use bevy_synq::protocol::wire::{ClientMessage, HashVote, SnapshotRecord, VotePurpose};
+use bevy_synq::protocol::{INITIAL_SEQ, ViewId};
 use bevy_synq::{ModelWorld, SynqStatus};
 use common::adversarial::{self, with_bot};
 use common::{Harness, test_session};
@@ -24,26 +24,7 @@ fn a_snapshot_that_does_not_match_its_vote_is_refused_by_joiners() {
     let mut h = Harness::new(test_session("victim"), Box::new(|| Box::new(adversarial::model)));
     let (persistent, session) = bevy_synq::session_ids(&adversarial::model, &h.session).unwrap();
     let key = SessionKey::derive(&h.session.password, &persistent, h.session.kdf).unwrap();
-    let member = h.reflector.handle().connect();
-    h.round(0);
-    let Some(ServerMessage::Challenge(challenge)) = member.try_recv().unwrap().as_deref().cloned() else {
-        panic!("no challenge")
-    };
-    let mut join = Join {
-        protocol: PROTOCOL_VERSION,
-        app_id: h.session.app_id.clone(),
-        api_key_proof: None,
-        session_id: session,
-        persistent_id: persistent,
-        view_id: ViewId(0xE71),
-        tick_ms: 0,
-        resume_after: None,
-        held_time: 0,
-        member_key: key.member_key(),
-        signature: MemberSignature::EMPTY,
-    };
-    membership::sign_join(&key, &challenge, &mut join);
-    member.send(ClientMessage::Join(join));
+    let member = common::member_connection(&mut h, &key, session, persistent, ViewId(0xE71));
     let vote = key.vote_digest(&[7; 32]); // any vote: it is the member's own
     member.send(ClientMessage::HashVote(HashVote {
         purpose: VotePurpose::Snapshot,

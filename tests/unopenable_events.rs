@@ -5,10 +5,9 @@
 
 mod common;
 
+use bevy_synq::protocol::ViewId;
 use bevy_synq::protocol::crypto::{Binding, SealKind, Sealed, SessionKey};
-use bevy_synq::protocol::membership::{self, MemberSignature};
-use bevy_synq::protocol::wire::{ClientMessage, Join, ServerMessage};
-use bevy_synq::protocol::{PROTOCOL_VERSION, ViewId};
+use bevy_synq::protocol::wire::ClientMessage;
 use bevy_synq::reflector::inproc::InProcessConnection;
 use bevy_synq::{ModelProblem, SynqProblem};
 use common::adversarial::{self, with_bot};
@@ -20,28 +19,7 @@ const HOSTILE_VIEW: ViewId = ViewId(0xBAD);
 fn hostile_member(h: &mut Harness) -> (InProcessConnection, SessionKey) {
     let ids = h.client(0).ids();
     let key = SessionKey::derive(&h.session.password, &ids.persistent, h.session.kdf).unwrap();
-    let connection = h.reflector.handle().connect();
-    h.round(0);
-    let challenge = match connection.try_recv().unwrap().as_deref() {
-        Some(ServerMessage::Challenge(challenge)) => *challenge,
-        other => panic!("expected a challenge, got {other:?}"),
-    };
-    let mut join = Join {
-        protocol: PROTOCOL_VERSION,
-        app_id: h.session.app_id.clone(),
-        api_key_proof: None,
-        session_id: ids.session,
-        persistent_id: ids.persistent,
-        view_id: HOSTILE_VIEW,
-        tick_ms: 0,
-        resume_after: None,
-        held_time: 0,
-        member_key: key.member_key(),
-        signature: MemberSignature::EMPTY,
-    };
-    membership::sign_join(&key, &challenge, &mut join);
-    assert!(connection.send(ClientMessage::Join(join)));
-    h.round(0);
+    let connection = common::member_connection(h, &key, ids.session, ids.persistent, HOSTILE_VIEW);
     (connection, key)
 }
 

@@ -1,11 +1,11 @@
 //! A hostile client written against the wire protocol: it speaks to a real reflector over UDP
 //! through the same transport as the plugin, but sends whatever a test wants.
 
+use bevy_synq::protocol::ViewId;
 use bevy_synq::protocol::crypto::SessionKey;
 use bevy_synq::protocol::ids::{PersistentId, SessionId};
-use bevy_synq::protocol::membership::{self, Challenge, MemberSignature};
+use bevy_synq::protocol::membership::{self, Challenge};
 use bevy_synq::protocol::wire::{ClientMessage, ErrorCode, Join, ServerMessage};
-use bevy_synq::protocol::{PROTOCOL_VERSION, ViewId};
 use bevy_synq::reflector::server::DEFAULT_PROTOCOL_ID;
 use bevy_synq::transport::udp::UdpConnector;
 use bevy_synq::transport::{Connection, Connector};
@@ -103,20 +103,6 @@ impl Hostile {
         persistent: PersistentId,
         view: ViewId,
     ) -> Join {
-        let mut join = Join {
-            protocol: PROTOCOL_VERSION,
-            app_id: app_id.to_string(),
-            api_key_proof: None,
-            session_id: session,
-            persistent_id: persistent,
-            view_id: view,
-            tick_ms: 0,
-            resume_after: None,
-            held_time: 0,
-            member_key: key.member_key(),
-            signature: MemberSignature::EMPTY,
-        };
-        membership::sign_join(key, &self.challenge.expect("connected"), &mut join);
-        join
+        membership::member_join(key, &self.challenge.expect("connected"), app_id, session, persistent, view)
     }
 }

@@ -180,6 +180,29 @@ fn record_divergences(mut reader: MessageReader<DivergenceDetected>, mut all: Re
     all.0.extend(reader.read().cloned());
 }
 
+/// A member's raw connection to the harness's reflector, joined to `session` as `view` with `key`:
+/// it speaks the wire protocol directly (what a broken or malicious client could send).
+pub fn member_connection(
+    h: &mut Harness,
+    key: &bevy_synq::protocol::crypto::SessionKey,
+    session: bevy_synq::protocol::SessionId,
+    persistent: bevy_synq::protocol::PersistentId,
+    view: ViewId,
+) -> bevy_synq::reflector::inproc::InProcessConnection {
+    use bevy_synq::protocol::wire::{ClientMessage, ServerMessage};
+    let connection = h.reflector.handle().connect();
+    h.round(0);
+    let challenge = match connection.try_recv().unwrap().as_deref() {
+        Some(ServerMessage::Challenge(challenge)) => *challenge,
+        other => panic!("expected a challenge, got {other:?}"),
+    };
+    let join =
+        bevy_synq::protocol::membership::member_join(key, &challenge, &h.session.app_id, session, persistent, view);
+    assert!(connection.send(ClientMessage::Join(join)));
+    h.round(0);
+    connection
+}
+
 pub fn model_time(app: &App) -> u64 {
     app.world().resource::<ModelWorld>().runtime().map_or(0, |r| r.now_ms())
 }

@@ -31,7 +31,7 @@
 //!
 
 use crate::crypto::{Sealed, SessionKey};
-use crate::ids::{Hash32, PersistentId, SessionId, sha256};
+use crate::ids::{Hash32, PersistentId, SessionId, ViewId, sha256};
 use crate::wire::{Join, PersistRecord, SnapshotRecord};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -161,6 +161,33 @@ pub fn sign_join(key: &SessionKey, challenge: &Challenge, join: &mut Join) {
     join.signature = key.sign_member(&join_transcript(challenge, join));
 }
 
+/// A join of `view` to `session` (no resume, no API key, the session's default tick), signed by
+/// `key` for `challenge`: what tools and tests that speak the wire protocol send.
+pub fn member_join(
+    key: &SessionKey,
+    challenge: &Challenge,
+    app_id: &str,
+    session: SessionId,
+    persistent: PersistentId,
+    view: ViewId,
+) -> Join {
+    let mut join = Join {
+        protocol: crate::PROTOCOL_VERSION,
+        app_id: app_id.to_string(),
+        api_key_proof: None,
+        session_id: session,
+        persistent_id: persistent,
+        view_id: view,
+        tick_ms: 0,
+        resume_after: None,
+        held_time: 0,
+        member_key: key.member_key(),
+        signature: MemberSignature::EMPTY,
+    };
+    sign_join(key, challenge, &mut join);
+    join
+}
+
 /// Signs a snapshot upload of `session`.
 pub fn sign_snapshot(key: &SessionKey, session: &SessionId, record: &mut SnapshotRecord) {
     record.signature = key.sign_member(&snapshot_transcript(session, record));
@@ -186,7 +213,7 @@ pub fn api_key_proof(api_key: &str, challenge: &Challenge, app_id: &str) -> Hash
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{ViewId, base64url};
+    use crate::ids::base64url;
 
     fn join(key: &SessionKey) -> Join {
         Join {

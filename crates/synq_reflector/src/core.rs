@@ -17,7 +17,7 @@ use synq_protocol::{INITIAL_SEQ, Limits, PROTOCOL_VERSION, seq_le};
 
 use crate::access::AccessControl;
 use crate::session::{AwaitedUpload, Session, TallyState, UsersBatch, event_bytes};
-use crate::storage::{SessionMeta, Storage, StorageError};
+use crate::storage::{SessionMeta, Storage, StorageError, StoredSession};
 
 /// Session time is recorded in storage at least this often while a session is active, and a
 /// session resumed from storage continues this far after the last record, so that no client can
@@ -27,8 +27,13 @@ pub const TIME_MARK_MS: u64 = 100;
 /// The event log is made durable (fsync) this often.
 const SYNC_EVERY_MS: u64 = 1000;
 
-/// Idle sessions are unloaded, and the memory held recounted, this often.
-const HOUSEKEEPING_MS: u64 = 100;
+/// Idle sessions are unloaded, and the memory held recounted, this often: each is a pass over
+/// every session, and neither needs to be prompt.
+const HOUSEKEEPING_MS: u64 = 1000;
+
+/// The latest session time a client may claim to hold (2⁵³ ms, ≈ 285,000 years): session time is
+/// computed from it, and must never overflow.
+const MAX_SESSION_TIME: SessionTime = 1 << 53;
 
 type Store = Option<Box<dyn Storage>>;
 
@@ -463,6 +468,10 @@ impl Reflector {
             let msg = format!("client speaks protocol {}, this reflector speaks {PROTOCOL_VERSION}", join.protocol);
             return self.close(client, error_message(ErrorCode::ProtocolVersion, msg));
         }
+        if join.held_time > MAX_SESSION_TIME {
+            let msg = format!("a held model time of {} ms is out of range", join.held_time);
+            return self.close(client, error_message(ErrorCode::Malformed, msg));
+        }
         let (challenge, origin) = {
             let state = &self.clients[&client];
             (state.challenge, state.origin)
@@ -606,8 +615,7 @@ impl Reflector {
                 (None, Some(snapshot)) => snapshot.seq,
                 (None, None) => INITIAL_SEQ,
             };
-            let gap = found.damage.as_ref().is_some_and(|d| !d.missing_seqs.is_empty());
-            if gap || !seq_le(held, stored_seq) {
+            if history_has_gap(found) || !seq_le(held, stored_seq) {
                 tracing::warn!(
                     session = %join.session_id,
                     stored_seq,
@@ -652,7 +660,7 @@ impl Reflector {
             Some(stored) => {
                 if let Some(damage) = &stored.damage {
                     tracing::error!(session = %join.session_id, %damage, "the session's stored events are damaged");
-                    if !damage.missing_seqs.is_empty() {
+                    if history_has_gap(&stored) {
                         // Events after a gap cannot be executed without the missing ones: serving
                         // them would hand clients a history nobody had. Refused until repaired.
                         return Err(StorageError::Corrupt {
@@ -794,7 +802,7 @@ impl Reflector {
         Ok(())
     }
 
-    /// Unloads the sessions that have had no client for the idle time (all idle ones when `after`
+    /// Unloads the sessions that have had no client for the idle time (every idle one when `now`
     /// is `None`), if there is storage to load them from again.
     fn unload_idle_sessions(&mut self, now: Option<u64>) {
         if self.storage.is_none() {
@@ -1010,6 +1018,21 @@ impl Reflector {
         self.persisted.insert(persistent_id, record);
         self.send(client, ServerMessage::PersistAccepted { vote });
     }
+}
+
+/// Whether a stored session's history misses events: storage names the gaps it can see; a session
+/// without a snapshot must also begin right after where it started (its first sequence number,
+/// or where it was reseeded from), which only the meta says.
+fn history_has_gap(stored: &StoredSession) -> bool {
+    if stored.damage.as_ref().is_some_and(|d| !d.missing_seqs.is_empty()) {
+        return true;
+    }
+    let start = match (&stored.snapshot, stored.meta.reseeded_from) {
+        (Some(snapshot), _) => snapshot.seq,
+        (None, Some((seq, _))) => seq,
+        (None, None) => INITIAL_SEQ,
+    };
+    stored.events.first().is_some_and(|first| first.seq != start.wrapping_add(1))
 }
 
 fn queue_user_change(session: &mut Session, now: u64, batch_ms: u64, view: ViewId, joined: bool) {

@@ -88,7 +88,7 @@ impl Session {
     pub fn time(&self, now: u64) -> SessionTime {
         match self.paused_at {
             Some(paused) => paused,
-            None => self.base_time + now.saturating_sub(self.base_now),
+            None => self.base_time.saturating_add(now.saturating_sub(self.base_now)),
         }
     }
 

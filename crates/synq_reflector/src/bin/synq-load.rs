@@ -46,14 +46,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use renet::RenetClient;
 use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
+use synq_protocol::Limits;
 use synq_protocol::codec;
 use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, Challenge, MemberSignature};
 use synq_protocol::wire::{
-    ClientMessage, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, VotePurpose,
+    ClientMessage, EventBody, HashVote, ServerMessage, SnapshotRecord, StampedEvent, VotePurpose,
 };
-use synq_protocol::{Limits, PROTOCOL_VERSION};
 use synq_reflector::server::{CHANNEL, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT, connection_config};
 
 /// Bytes of each payload taken by the measurement header (sender, event number, send time).
@@ -250,22 +250,9 @@ impl LoadClient {
 
     /// The join answering `challenge`, signed with the load's session key.
     fn join_message(&self, challenge: &Challenge) -> ClientMessage {
-        let key = load_key();
-        let mut join = Join {
-            protocol: PROTOCOL_VERSION,
-            app_id: "io.bevy-synq.load".into(),
-            api_key_proof: None,
-            session_id: self.session,
-            persistent_id: PersistentId(self.session.0),
-            view_id: self.view,
-            tick_ms: 50,
-            resume_after: None,
-            held_time: 0,
-            member_key: key.member_key(),
-            signature: MemberSignature::EMPTY,
-        };
-        membership::sign_join(key, challenge, &mut join);
-        ClientMessage::Join(join)
+        let persistent = PersistentId(self.session.0);
+        let app = "io.bevy-synq.load";
+        ClientMessage::Join(membership::member_join(load_key(), challenge, app, self.session, persistent, self.view))
     }
 
     fn send(&mut self, message: &ClientMessage) {

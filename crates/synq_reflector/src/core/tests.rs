@@ -767,3 +767,37 @@ fn an_event_sent_again_after_a_reconnect_is_stamped_once() {
     assert_eq!(ids, vec![(7, 3), (8, 1)]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_lost_first_event_is_a_gap_and_an_absurd_held_time_is_refused() {
+    let dir = std::env::temp_dir().join(format!("synq-core-first-{}", std::process::id()));
+    // The first record of the log damaged: storage cannot tell an event is missing (no snapshot
+    // says where the history began), the core can.
+    let (_, out) = restart_after(&dir, |log| {
+        let mut bytes = std::fs::read(log).unwrap();
+        // Records follow the 8-byte header: length (u32 LE), 8-byte checksum, body. Clock marks
+        // are a few bytes long; the first longer record is the first event.
+        let mut at = 8;
+        loop {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            if len > 10 {
+                bytes[at + 12 + len / 2] ^= 0x80;
+                break;
+            }
+            at += 12 + len;
+        }
+        std::fs::write(log, bytes).unwrap();
+    });
+    assert!(
+        out.iter().any(|(c, m)| *c == 2 && matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::Unavailable)),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut r = Reflector::new(ReflectorConfig::default());
+    let mut absurd = join(10);
+    absurd.resume_after = Some(5);
+    absurd.held_time = u64::MAX;
+    connect_and_join(&mut r, 0, 1, absurd);
+    assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::Malformed));
+}
