@@ -7,6 +7,7 @@ use bevy::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::{debug, error, info, warn};
 
 use synq_protocol::crypto::{Binding, SealKind, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
@@ -86,7 +87,12 @@ pub enum StartKind {
     Resume,
 }
 
+/// The session key, once derived (Argon2id takes tens of milliseconds: it runs on a task pool).
+pub(crate) type KeyTask = bevy::tasks::Task<Result<SessionKey, String>>;
+
 enum Phase {
+    /// The session key is being derived off the main thread; nothing is sent before it is ready.
+    DerivingKey(KeyTask),
     Connecting,
     /// The connection was lost; the next attempt is due at `next_at`.
     Reconnecting {
@@ -124,7 +130,8 @@ struct PastPoint {
 pub struct SynqClient {
     pub(crate) config: SessionConfig,
     pub(crate) ids: SessionIds,
-    key: SessionKey,
+    /// The session key; `None` only while it is being derived (before any connection).
+    key: Option<SessionKey>,
     plugin: Arc<dyn ModelPlugin>,
     settings: WorldSettings,
     connector: Box<dyn Connector>,
@@ -167,7 +174,7 @@ impl SynqClient {
     pub(crate) fn new(
         config: SessionConfig,
         ids: SessionIds,
-        key: SessionKey,
+        key: KeyTask,
         plugin: Arc<dyn ModelPlugin>,
         seed: [u8; 32],
         connector: Box<dyn Connector>,
@@ -176,12 +183,12 @@ impl SynqClient {
         Self {
             config,
             ids,
-            key,
+            key: None,
             plugin,
             settings,
             connector,
             connection: None,
-            phase: Phase::Connecting,
+            phase: Phase::DerivingKey(key),
             synced: false,
             pending: VecDeque::new(),
             target_time: 0,
@@ -202,6 +209,11 @@ impl SynqClient {
             last_send: None,
             sent: SentEvents::new(),
         }
+    }
+
+    /// The session key. Only the phases after `DerivingKey` use it, and that phase ends by setting it.
+    fn key(&self) -> &SessionKey {
+        self.key.as_ref().expect("bevy_synq: the session key is derived before the client connects")
     }
 
     /// The session's ids and this client's view id.
@@ -263,9 +275,37 @@ impl SynqClient {
         }
     }
 
+    /// Where this client's reflector is, e.g. `the reflector at udp://127.0.0.1:5800`.
+    pub fn reflector(&self) -> String {
+        self.connector.describe()
+    }
+
     /// How many times the connection was restored after a loss.
     pub fn reconnects(&self) -> u32 {
         self.reconnects
+    }
+
+    /// The round-trip time to the reflector, when connected over a transport that measures it.
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        self.connection.as_ref().and_then(|connection| connection.rtt())
+    }
+
+    /// How many messages from the reflector wait to be executed (the catch-up backlog).
+    pub fn backlog(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Tells the reflector this view leaves (its exit reaches the other replicas at once) and
+    /// closes the connection. The client is done afterwards: the session API drops it.
+    pub(crate) fn leave(&mut self) {
+        if let Some(mut connection) = self.connection.take()
+            && matches!(self.phase, Phase::Running | Phase::AwaitingSync { joined: true, .. })
+        {
+            connection.send(ClientMessage::Leave);
+        }
+        info!("bevy_synq: view {} left session {}", self.ids.view, self.ids.session);
+        self.phase = Phase::Failed;
+        self.synced = false;
     }
 
     /// The connection is gone (or the reflector asked us to come back later): reconnect with
@@ -335,10 +375,10 @@ impl SynqClient {
             tick_ms: self.config.tick_ms,
             resume_after: resume_after.map(|(seq, _)| seq),
             held_time: resume_after.map_or(0, |(_, time)| time),
-            member_key: self.key.member_key(),
+            member_key: self.key().member_key(),
             signature: MemberSignature::EMPTY,
         };
-        membership::sign_join(&self.key, challenge, &mut join);
+        membership::sign_join(self.key(), challenge, &mut join);
         self.send(ClientMessage::Join(join));
     }
 
@@ -350,6 +390,16 @@ impl SynqClient {
 
     /// Connects if needed and handles everything the reflector sent.
     pub(crate) fn receive(&mut self, model: &mut ModelWorld) {
+        if let Phase::DerivingKey(task) = &mut self.phase {
+            match bevy::tasks::futures::check_ready(task) {
+                None => return,
+                Some(Ok(key)) => {
+                    self.key = Some(key);
+                    self.phase = Phase::Connecting;
+                }
+                Some(Err(reason)) => return self.fail(format!("cannot derive the session key: {reason}")),
+            }
+        }
         match self.phase {
             Phase::Connecting => self.connect(model),
             Phase::Reconnecting { next_at, .. } if Instant::now() >= next_at => self.connect(model),
@@ -361,13 +411,20 @@ impl SynqClient {
         if self.lost_at.is_some() && !self.within_rejoin_limit() && self.status.is_synced() {
             self.status = SynqStatus::Connecting;
         }
+        // Everything that arrived is taken in before the silence check: the transport may have
+        // received while the app did not run a frame (loading, a minimised window).
+        self.take_in(model);
         // The reflector ticks when nothing else flows: a long silence means it is gone, even if
         // the transport has not noticed yet.
         let silence =
             std::time::Duration::from_millis(u64::from(self.config.tick_ms) * 20).max(self.config.silence_limit);
         if matches!(self.phase, Phase::Running) && self.last_heard.elapsed() > silence {
-            return self.lost(format!("no word from the reflector for {} ms", silence.as_millis()));
+            self.lost(format!("no word from the reflector for {} ms", silence.as_millis()));
         }
+    }
+
+    /// Handles every message the connection holds.
+    fn take_in(&mut self, model: &mut ModelWorld) {
         loop {
             let Some(connection) = self.connection.as_mut() else { return };
             let message = match connection.poll() {
@@ -493,15 +550,15 @@ impl SynqClient {
             }
             SyncStart::Fresh { persisted, .. } => {
                 let opened = persisted.as_ref().map(|record| {
-                    self.key.open(SealKind::Persisted, &Binding::Persistent(self.ids.persistent), &record.data).map_err(
-                        |_| {
+                    self.key()
+                        .open(SealKind::Persisted, &Binding::Persistent(self.ids.persistent), &record.data)
+                        .map_err(|_| {
                             format!(
                                 "the persisted data of {}/{} cannot be opened with this session's password \
                                  (it was saved under another password)",
                                 self.config.app_id, self.config.name
                             )
-                        },
-                    )
+                        })
                 });
                 match &opened {
                     Some(Ok(json)) => info!(
@@ -585,10 +642,10 @@ impl SynqClient {
     /// a member elected to upload cannot hand late joiners any other state.
     fn open_snapshot(&self, record: &SnapshotRecord) -> Result<Vec<u8>, String> {
         let bytes = self
-            .key
+            .key()
             .open(SealKind::Snapshot, &Binding::Session(self.ids.session), &record.data)
             .map_err(|e| format!("cannot open the session snapshot: {e}"))?;
-        if self.key.vote_digest(&crate::snapshot::state_hash(&bytes)) != record.vote {
+        if self.key().vote_digest(&crate::snapshot::state_hash(&bytes)) != record.vote {
             return Err(format!(
                 "the session snapshot at {} ms does not hold the state the replicas voted for",
                 record.time
@@ -603,7 +660,7 @@ impl SynqClient {
         let body = match &event.body {
             EventBody::View { sender, sent, payload } => {
                 let binding = Binding::SessionView(self.ids.session, *sender);
-                match self.key.open(SealKind::Event, &binding, payload) {
+                match self.key().open(SealKind::Event, &binding, payload) {
                     Ok(plaintext) => ExternalBody::View { sender: *sender, sent: *sent, plaintext },
                     Err(error) => {
                         let reason = format!("event {} does not open: {error}", event.seq);
@@ -706,7 +763,7 @@ impl SynqClient {
                 request.json.len(),
                 synq_protocol::ids::base64url(&request.hash[..12])
             );
-            let vote = self.key.vote_digest(&request.hash);
+            let vote = self.key().vote_digest(&request.hash);
             if self.synced {
                 let purpose = VotePurpose::Persist;
                 let (time, seq) = (request.time, request.seq);
@@ -733,10 +790,10 @@ impl SynqClient {
                 // Trim in bulk: one shift per KEPT_HISTORY points, not one per point.
                 self.history.drain(..KEPT_HISTORY);
             }
-            let vote = self.key.vote_digest(&point.hash);
+            let vote = self.key().vote_digest(&point.hash);
             if self.synced {
                 let purpose = VotePurpose::Snapshot;
-                let parts = point.parts.iter().map(|(_, hash)| self.key.vote_digest(hash)).collect();
+                let parts = point.parts.iter().map(|(_, hash)| self.key().vote_digest(hash)).collect();
                 self.send(ClientMessage::HashVote(HashVote { purpose, time: point.time, seq: point.seq, vote, parts }));
             }
             let part_names = point.parts.into_iter().map(|(name, _)| name).collect();

@@ -65,7 +65,7 @@ impl DebugFlags {
     pub fn from_env() -> Self {
         match std::env::var("SYNQ_DEBUG") {
             Ok(text) => Self::parse(&text).unwrap_or_else(|error| {
-                bevy::log::warn!("SYNQ_DEBUG: {error}");
+                ::tracing::warn!("SYNQ_DEBUG: {error}");
                 Self::NONE
             }),
             Err(_) => Self::NONE,
@@ -96,7 +96,7 @@ impl fmt::Debug for DebugFlags {
 macro_rules! synq_debug {
     ($flags:expr, $topic:ident, $($arg:tt)*) => {
         if $flags.contains($crate::debug::DebugFlags::$topic) {
-            bevy::log::info!("bevy_synq[{}] {}", stringify!($topic).to_lowercase(), format!($($arg)*));
+            ::tracing::info!("bevy_synq[{}] {}", stringify!($topic).to_lowercase(), format!($($arg)*));
         }
     };
 }

@@ -79,6 +79,7 @@ mod debug;
 pub mod math;
 pub mod model;
 mod plugin;
+mod session;
 pub mod snapshot;
 mod status;
 pub mod transport;
@@ -88,12 +89,17 @@ pub use client::{HashRecord, ModelWorld, Outbox, SessionIds, StartKind, SynqClie
 pub use config::{CatchUpBudget, SessionConfig};
 pub use debug::DebugFlags;
 pub use model::*;
-pub use plugin::{EmbeddedReflectorHandle, ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash, session_ids};
-pub use status::{DivergenceDetected, SynqProblem, SynqStatus, is_synced};
+pub use plugin::{ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash, session_ids};
+#[cfg(feature = "embedded")]
+pub use session::EmbeddedReflectorHandle;
+pub use session::SynqSession;
+pub use status::{DivergenceDetected, SynqConnection, SynqProblem, SynqState, SynqStatus, is_synced};
 
 /// The protocol crate (ids, crypto, wire messages), re-exported.
 pub use synq_protocol as protocol;
-/// The reflector crate, re-exported (embedded and in-process reflectors).
+/// The reflector crate, re-exported (embedded and in-process reflectors; with the `host` feature,
+/// the UDP server too).
+#[cfg(feature = "embedded")]
 pub use synq_reflector as reflector;
 
 /// Everything a model or view usually needs.
@@ -104,7 +110,8 @@ pub mod prelude {
     };
     pub use crate::view::{Model, ModelQuery, Publish};
     pub use crate::{
-        DivergenceDetected, ReflectorTarget, SessionConfig, SynqPlugin, SynqProblem, SynqStatus, SynqSystems, is_synced,
+        DivergenceDetected, ReflectorTarget, SessionConfig, SynqConnection, SynqPlugin, SynqProblem, SynqSession,
+        SynqState, SynqStatus, SynqSystems, is_synced,
     };
     pub use synq_protocol::ViewId;
 }

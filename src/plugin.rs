@@ -1,18 +1,19 @@
 //! The Bevy plugin: [`SynqPlugin`] and the systems that drive a session each frame.
 
 use bevy::prelude::*;
+use bevy::state::app::StatesPlugin;
 use std::sync::{Arc, Mutex};
 use synq_protocol::CodeHasher;
-use synq_protocol::crypto::SessionKey;
-use synq_protocol::ids::{AppId, CodeHash, IdOptions, PersistentId, SessionId, SessionName, ViewId, hash_parts};
-use synq_reflector::ReflectorConfig;
-use synq_reflector::inproc::{EmbeddedReflector, InProcessHandle};
+use synq_protocol::ids::{AppId, CodeHash, IdOptions, PersistentId, SessionId, SessionName};
+#[cfg(feature = "embedded")]
+use synq_reflector::inproc::InProcessHandle;
 
-use crate::client::{ModelWorld, Outbox, SessionIds, SynqClient};
+use crate::client::{ModelWorld, Outbox, SynqClient};
 use crate::config::SessionConfig;
 use crate::debug::synq_debug;
 use crate::model::app::{ModelApp, ModelPlugin, WorldSettings};
-use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
+use crate::session::{SessionModel, SessionRequests, apply_session_requests};
+use crate::status::{DivergenceDetected, SynqConnection, SynqProblem, SynqState, SynqStatus};
 use crate::transport::Connector;
 
 /// The phases of a session in each frame, in order.
@@ -33,16 +34,23 @@ pub enum SynqSystems {
 #[derive(Clone)]
 pub enum ReflectorTarget {
     /// Start a reflector inside this process, on its own thread (solo play, local tests).
+    #[cfg(feature = "embedded")]
     Embedded,
     /// An in-process reflector already running (several apps in one process, tests).
+    #[cfg(feature = "embedded")]
     InProcess(InProcessHandle),
     /// A `synq-reflector` over UDP (renet + netcode) at this address.
+    #[cfg(feature = "udp")]
     Udp(std::net::SocketAddr),
     /// Any other transport.
     Custom(Arc<Mutex<Option<Box<dyn Connector>>>>),
 }
 
 /// Adds a replicated model to an app.
+///
+/// [`SynqPlugin::new`] joins a session at startup; [`SynqPlugin::idle`] starts outside any session,
+/// for games that join from a menu with [`SynqSession`](crate::SynqSession). Either way the app can
+/// leave, join and switch sessions at any time; every session runs the same model.
 ///
 /// ```no_run
 /// use bevy::prelude::*;
@@ -59,30 +67,37 @@ pub enum ReflectorTarget {
 /// ```
 pub struct SynqPlugin {
     model: Arc<dyn ModelPlugin>,
-    session: SessionConfig,
-    reflector: ReflectorTarget,
+    /// The session to join at startup, and where.
+    startup: Option<(SessionConfig, ReflectorTarget)>,
 }
 
 impl SynqPlugin {
-    /// A plugin running `model` in the session `session`, on an embedded reflector.
+    /// A plugin running `model` that joins `session` at startup, on an embedded reflector unless
+    /// [`SynqPlugin::with_reflector`] says otherwise.
+    #[cfg(feature = "embedded")]
     pub fn new(model: impl ModelPlugin, session: SessionConfig) -> Self {
-        Self { model: Arc::new(model), session, reflector: ReflectorTarget::Embedded }
+        Self { model: Arc::new(model), startup: Some((session, ReflectorTarget::Embedded)) }
     }
 
-    /// Uses another reflector.
+    /// A plugin running `model` that joins `session` on `reflector` at startup.
+    pub fn joining(model: impl ModelPlugin, session: SessionConfig, reflector: ReflectorTarget) -> Self {
+        Self { model: Arc::new(model), startup: Some((session, reflector)) }
+    }
+
+    /// A plugin running `model` in no session yet: the app starts in
+    /// [`SynqState::Disconnected`](crate::SynqState::Disconnected) and joins with
+    /// [`SynqSession::join`](crate::SynqSession::join).
+    pub fn idle(model: impl ModelPlugin) -> Self {
+        Self { model: Arc::new(model), startup: None }
+    }
+
+    /// Joins the startup session on `reflector` (no effect on an idle plugin).
     pub fn with_reflector(mut self, reflector: ReflectorTarget) -> Self {
-        self.reflector = reflector;
+        if let Some((_, target)) = self.startup.as_mut() {
+            *target = reflector;
+        }
         self
     }
-}
-
-/// Keeps an embedded reflector running as long as the app.
-#[derive(Resource)]
-pub struct EmbeddedReflectorHandle(#[allow(dead_code)] EmbeddedReflector);
-
-fn random_view_id() -> ViewId {
-    use chacha20poly1305::aead::rand_core::RngCore;
-    ViewId(chacha20poly1305::aead::OsRng.next_u64())
 }
 
 /// Computes the code hash of a model: its registrations in order and the source text fed in
@@ -129,7 +144,7 @@ pub fn session_ids(model: &dyn ModelPlugin, session: &SessionConfig) -> Result<(
     session_ids_of(&probe(model, session).registry.signature, session)
 }
 
-fn session_ids_of(
+pub(crate) fn session_ids_of(
     signature: &[(&'static str, &'static str)],
     session: &SessionConfig,
 ) -> Result<(PersistentId, SessionId), String> {
@@ -148,8 +163,8 @@ fn session_ids_of(
 
 impl Plugin for SynqPlugin {
     fn build(&self, app: &mut App) {
-        let session = self.session.clone();
-        let probe = probe(self.model.as_ref(), &session);
+        let settings = WorldSettings { step_ms: 50, seed: [0; 32] };
+        let probe = ModelApp::build(settings, self.model.as_ref());
         let mut outbox = Outbox::default();
         for (index, entry) in probe.registry.view_events.iter().enumerate() {
             outbox.index.insert(entry.type_id, index as u16);
@@ -157,72 +172,28 @@ impl Plugin for SynqPlugin {
         for entry in &probe.registry.view_messages {
             (entry.add_to_app)(app);
         }
-        let ids = session_ids_of(&probe.registry.signature, &session);
+        let model = SessionModel { plugin: self.model.clone(), signature: Arc::new(probe.registry.signature.clone()) };
         drop(probe);
-
+        if !app.is_plugin_added::<StatesPlugin>() {
+            app.add_plugins(StatesPlugin);
+        }
+        let requests = match &self.startup {
+            Some((session, reflector)) => SessionRequests::join(session.clone(), reflector.clone()),
+            None => SessionRequests::default(),
+        };
         app.init_resource::<ModelWorld>()
             .insert_resource(outbox)
-            .insert_resource(SynqStatus::Connecting)
+            .insert_resource(model)
+            .insert_resource(requests)
+            .insert_resource(SynqStatus::Disconnected { reason: "not in a session".into() })
+            .init_resource::<SynqConnection>()
+            .init_state::<SynqState>()
             .add_message::<SynqStatus>()
             .add_message::<DivergenceDetected>()
-            .add_message::<SynqProblem>();
-        let (persistent, session_id) = match ids {
-            Ok(ids) => ids,
-            Err(reason) => {
-                error!("bevy_synq: cannot join: {reason}");
-                app.insert_resource(SynqStatus::Disconnected { reason });
-                return;
-            }
-        };
-        let mut session = session;
-        session.debug = session.debug | crate::DebugFlags::from_env();
-        let view = session.view_id.unwrap_or_else(random_view_id);
-        synq_debug!(
-            session.debug,
-            SESSION,
-            "app {} name {:?}: persistent id {persistent}, session id {session_id}, view {view}",
-            session.app_id,
-            session.name
-        );
-        let ids = SessionIds { session: session_id, persistent, view };
-        let key = match SessionKey::derive(&session.password, &persistent, session.kdf) {
-            Ok(key) => key,
-            Err(e) => {
-                let reason = format!("cannot derive the session key: {e}");
-                error!("bevy_synq: {reason}");
-                app.insert_resource(SynqStatus::Disconnected { reason });
-                return;
-            }
-        };
-        let seed = hash_parts(&[b"bevy_synq rng seed v1", session_id.as_bytes()]);
-
-        let connector: Box<dyn Connector> = match &self.reflector {
-            ReflectorTarget::Embedded => {
-                let reflector = EmbeddedReflector::spawn(ReflectorConfig::default());
-                let handle = reflector.handle();
-                app.insert_resource(EmbeddedReflectorHandle(reflector));
-                Box::new(handle)
-            }
-            ReflectorTarget::InProcess(handle) => Box::new(handle.clone()),
-            ReflectorTarget::Udp(addr) => {
-                Box::new(crate::transport::udp::UdpConnector::new(*addr, synq_reflector::server::DEFAULT_PROTOCOL_ID))
-            }
-            ReflectorTarget::Custom(slot) => slot
-                .lock()
-                .ok()
-                .and_then(|mut slot| slot.take())
-                .expect("bevy_synq: a custom connector can be used by one plugin only"),
-        };
-        info!(
-            "bevy_synq: view {view} joining session {session_id} ({}/{}) via {}",
-            session.app_id,
-            session.name,
-            connector.describe()
-        );
-
-        app.insert_resource(SynqClient::new(session, ids, key, self.model.clone(), seed, connector))
+            .add_message::<SynqProblem>()
             .configure_sets(PreUpdate, (SynqSystems::Receive, SynqSystems::Simulate).chain())
-            .add_systems(PreUpdate, receive_and_simulate.in_set(SynqSystems::Simulate))
+            .add_systems(PreUpdate, apply_session_requests.in_set(SynqSystems::Receive))
+            .add_systems(PreUpdate, (receive_and_simulate, update_connection).chain().in_set(SynqSystems::Simulate))
             .add_systems(PostUpdate, send.in_set(SynqSystems::Send));
     }
 }
@@ -230,6 +201,9 @@ impl Plugin for SynqPlugin {
 /// Receives, simulates, and hands model output to the app. Exclusive: it writes messages of
 /// types only known at run time.
 fn receive_and_simulate(world: &mut World) {
+    if !world.contains_resource::<SynqClient>() {
+        return;
+    }
     world.resource_scope(|world, mut client: Mut<SynqClient>| {
         world.resource_scope(|world, mut model: Mut<ModelWorld>| {
             let before = client.status.clone();
@@ -258,6 +232,42 @@ fn receive_and_simulate(world: &mut World) {
     });
 }
 
-fn send(mut client: ResMut<SynqClient>, mut outbox: ResMut<Outbox>) {
-    client.flush(&mut outbox);
+/// Keeps [`SynqConnection`] and the [`SynqState`] current.
+fn update_connection(
+    status: Res<SynqStatus>,
+    client: Option<Res<SynqClient>>,
+    mut connection: ResMut<SynqConnection>,
+    state: Res<State<SynqState>>,
+    mut next: ResMut<NextState<SynqState>>,
+) {
+    let details = SynqConnection {
+        session: client.as_ref().map(|c| c.ids()),
+        reflector: client.as_ref().map(|c| c.reflector()),
+        progress: match &*status {
+            SynqStatus::Syncing { progress } => *progress,
+            SynqStatus::Synced => 1.0,
+            _ => 0.0,
+        },
+        reason: match &*status {
+            SynqStatus::Disconnected { reason } => Some(reason.clone()),
+            _ => None,
+        },
+        rtt: client.as_ref().and_then(|c| c.rtt()),
+        backlog: client.as_ref().map_or(0, |c| c.backlog()),
+        unacknowledged: client.as_ref().map_or(0, |c| c.unacknowledged_events()),
+        reconnects: client.as_ref().map_or(0, |c| c.reconnects()),
+    };
+    connection.set_if_neq(details);
+    let wanted = SynqState::from(&*status);
+    if *state.get() != wanted {
+        next.set(wanted);
+    }
+}
+
+/// Sends what views published; outside a session, drops it (there is no one to send it to).
+fn send(client: Option<ResMut<SynqClient>>, mut outbox: ResMut<Outbox>) {
+    match client {
+        Some(mut client) => client.flush(&mut outbox),
+        None => outbox.pending.clear(),
+    }
 }

@@ -1,9 +1,81 @@
-//! What the app hears about the session: connection status, divergence, problems.
+//! What the app hears about the session: the connection as a Bevy state, its details,
+//! divergence, problems.
 
 use bevy::prelude::*;
+use std::time::Duration;
 use synq_protocol::ViewId;
 
+use crate::client::SessionIds;
 use crate::model::ModelProblem;
+
+/// The connection to the session, as a Bevy [`States`]: schedule systems with
+/// `in_state(SynqState::Synced)`, react with `OnEnter(SynqState::Synced)`.
+///
+/// It changes in `PreUpdate` (after [`SynqSystems::Simulate`](crate::SynqSystems::Simulate)) and
+/// takes effect at the state transition before `Update`, so `OnEnter` systems run in the frame the
+/// client got there. [`SynqStatus`] carries the same with details, as a resource and a message.
+///
+/// ```
+/// use bevy::prelude::*;
+/// use bevy_synq::prelude::*;
+///
+/// fn hide_loading_screen() {}
+/// fn play() {}
+///
+/// # fn model(_: &mut ModelApp) {}
+/// let mut app = App::new();
+/// app.add_plugins(MinimalPlugins)
+///     .add_plugins(SynqPlugin::idle(model))
+///     .add_systems(OnEnter(SynqState::Synced), hide_loading_screen)
+///     .add_systems(Update, play.run_if(in_state(SynqState::Synced)));
+/// app.update();
+/// assert_eq!(*app.world().resource::<State<SynqState>>().get(), SynqState::Disconnected);
+/// ```
+#[derive(States, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SynqState {
+    /// Not in a session: before the first join, after leaving, or after a final refusal.
+    #[default]
+    Disconnected,
+    /// Deriving the session key, reaching the reflector, or reconnecting after the rejoin limit.
+    Connecting,
+    /// Restoring the session's state and executing the backlog.
+    Syncing,
+    /// Caught up: the model runs live and this client's view has joined it.
+    Synced,
+}
+
+impl From<&SynqStatus> for SynqState {
+    fn from(status: &SynqStatus) -> Self {
+        match status {
+            SynqStatus::Connecting => SynqState::Connecting,
+            SynqStatus::Syncing { .. } => SynqState::Syncing,
+            SynqStatus::Synced => SynqState::Synced,
+            SynqStatus::Disconnected { .. } => SynqState::Disconnected,
+        }
+    }
+}
+
+/// Details of the connection to the session, kept current every frame (for a HUD, a loading bar
+/// or diagnostics).
+#[derive(Resource, Clone, Debug, Default, PartialEq)]
+pub struct SynqConnection {
+    /// The session this client is in or joining, and its view id; `None` when not in one.
+    pub session: Option<SessionIds>,
+    /// Where the reflector is, e.g. `the reflector at udp://192.168.1.10:5800`.
+    pub reflector: Option<String>,
+    /// How much of the backlog is executed while syncing, from 0 to 1 (1 once synced).
+    pub progress: f32,
+    /// Why the client is disconnected (left, refused, unreachable); `None` otherwise.
+    pub reason: Option<String>,
+    /// The round-trip time to the reflector, when the transport measures it (UDP does).
+    pub rtt: Option<Duration>,
+    /// Messages from the reflector waiting to be executed.
+    pub backlog: usize,
+    /// Events this client sent that the session has not been seen to stamp yet.
+    pub unacknowledged: usize,
+    /// How many times the connection was restored after a loss, in this session.
+    pub reconnects: u32,
+}
 
 /// Where this client stands in its session. Also a resource, kept current.
 #[derive(Resource, Message, Clone, Debug, PartialEq)]

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use synq_protocol::wire::{ClientMessage, ServerMessage};
+#[cfg(feature = "embedded")]
 use synq_reflector::inproc::{InProcessConnection, InProcessHandle};
 
 /// An open connection to a reflector.
@@ -14,6 +15,10 @@ pub trait Connection: Send + Sync + 'static {
     fn send(&mut self, message: ClientMessage) -> bool;
     /// The next message from the reflector, if any; `Err` once the connection is closed.
     fn poll(&mut self) -> Result<Option<Arc<ServerMessage>>, String>;
+    /// The round-trip time to the reflector, when the transport measures it.
+    fn rtt(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Opens connections to a reflector.
@@ -24,6 +29,7 @@ pub trait Connector: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+#[cfg(feature = "embedded")]
 impl Connection for InProcessConnection {
     fn send(&mut self, message: ClientMessage) -> bool {
         InProcessConnection::send(self, message)
@@ -34,6 +40,7 @@ impl Connection for InProcessConnection {
     }
 }
 
+#[cfg(feature = "embedded")]
 impl Connector for InProcessHandle {
     fn connect(&mut self) -> Result<Box<dyn Connection>, String> {
         Ok(Box::new(InProcessHandle::connect(self)))
@@ -44,4 +51,5 @@ impl Connector for InProcessHandle {
     }
 }
 
+#[cfg(feature = "udp")]
 pub mod udp;

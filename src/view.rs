@@ -12,6 +12,7 @@ use bevy::ecs::world::WorldId;
 use bevy::prelude::*;
 use serde::Serialize;
 use std::marker::PhantomData;
+use tracing::error;
 
 use crate::client::{ModelWorld, Outbox};
 use crate::model::{ModelEntities, ModelId, ModelTime, ModelViews};

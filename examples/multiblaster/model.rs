@@ -347,7 +347,7 @@ fn record_high_scores(
     dirty.0 = false;
     if let Err(e) = persist.persist(&*high_scores) {
         // Disabled (the stored table failed to load): play on without saving.
-        debug!("multiblaster: high scores not persisted: {e}");
+        tracing::debug!("multiblaster: high scores not persisted: {e}");
     }
 }
 

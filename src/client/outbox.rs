@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 use synq_protocol::crypto::{Binding, SealKind, Sealed};
 use synq_protocol::wire::{ClientMessage, SentId, ViewEvent};
+use tracing::{error, warn};
 
 use super::{Phase, SynqClient};
 use crate::debug::synq_debug;
@@ -170,7 +171,7 @@ impl SynqClient {
                 plaintext.len()
             );
             let binding = Binding::SessionView(self.ids.session, self.ids.view);
-            let payload = self.key.seal(SealKind::Event, &binding, &plaintext);
+            let payload = self.key().seal(SealKind::Event, &binding, &plaintext);
             let id = SentId { origin: self.sent.origin, seq: self.sent.next };
             self.sent.next += 1;
             self.sent.unacked.push_back(Unacked { id, payload });

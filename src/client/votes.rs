@@ -5,6 +5,7 @@ use synq_protocol::crypto::{Binding, SealKind};
 use synq_protocol::ids::ViewId;
 use synq_protocol::membership::{self, MemberSignature};
 use synq_protocol::wire::{ClientMessage, PersistRecord, SnapshotRecord, Tally, VotePurpose};
+use tracing::{error, info};
 
 use super::SynqClient;
 use crate::debug::synq_debug;
@@ -64,12 +65,12 @@ impl SynqClient {
                     return;
                 };
                 let binding = Binding::Persistent(self.ids.persistent);
-                let data = self.key.seal(SealKind::Persisted, &binding, past.json.as_bytes());
+                let data = self.key().seal(SealKind::Persisted, &binding, past.json.as_bytes());
                 info!("bevy_synq: uploading persisted data at {} ms ({} bytes)", past.time, past.json.len());
                 synq_debug!(self.config.debug, PERSIST, "elected to upload the document of {} ms", past.time);
                 let mut record =
                     PersistRecord { time: past.time, vote: past.vote, data, signature: MemberSignature::EMPTY };
-                membership::sign_persist(&self.key, &self.ids.persistent, &mut record);
+                membership::sign_persist(self.key(), &self.ids.persistent, &mut record);
                 self.send(ClientMessage::PersistUpload(record));
                 self.persist_uploads += 1;
             }
@@ -86,10 +87,10 @@ impl SynqClient {
                 point.time,
                 point.bytes.len()
             );
-            let data = self.key.seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
+            let data = self.key().seal(SealKind::Snapshot, &Binding::Session(self.ids.session), &point.bytes);
             let signature = MemberSignature::EMPTY;
             let mut record = SnapshotRecord { time: point.time, seq: point.seq, vote: point.vote, data, signature };
-            membership::sign_snapshot(&self.key, &self.ids.session, &mut record);
+            membership::sign_snapshot(self.key(), &self.ids.session, &mut record);
             self.send(ClientMessage::SnapshotUpload(record));
         }
     }

@@ -15,6 +15,7 @@ use bevy::prelude::*;
 use std::any::Any;
 use std::marker::PhantomData;
 use synq_protocol::ViewId;
+use tracing::error;
 
 /// A view event of type `T`, as the model receives it: triggered in the model world on every
 /// replica at the same model time.

@@ -4,7 +4,7 @@
 //! ```no_run
 //! use bevy_synq::prelude::*;
 //! use bevy_synq::transport::udp::UdpConnector;
-//! use bevy_synq::reflector::server::DEFAULT_PROTOCOL_ID;
+//! use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
 //! use std::sync::{Arc, Mutex};
 //!
 //! let connector = UdpConnector::new("127.0.0.1:5800".parse().unwrap(), DEFAULT_PROTOCOL_ID);
@@ -33,7 +33,7 @@ use synq_protocol::Limits;
 use synq_protocol::codec;
 use synq_protocol::netcode_guard::{MAX_DATAGRAM_BYTES, check_client_bound};
 use synq_protocol::wire::{ClientMessage, ServerMessage};
-use synq_reflector::server::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
+use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
 
 use super::{Connection, Connector};
 
@@ -48,7 +48,7 @@ pub struct UdpConnector {
 
 impl UdpConnector {
     /// Connects to the reflector at `server_addr`, which must use the same netcode `protocol_id`
-    /// (usually [`synq_reflector::server::DEFAULT_PROTOCOL_ID`]).
+    /// (usually [`synq_protocol::udp::DEFAULT_PROTOCOL_ID`]).
     pub fn new(server_addr: SocketAddr, protocol_id: u64) -> Self {
         Self { server_addr, protocol_id, limits: Limits::default(), connect_timeout: Duration::from_secs(5) }
     }
@@ -272,7 +272,7 @@ impl Connection for UdpConnection {
         }
         let frame = codec::encode_client(&message);
         if frame.len() > CHANNEL_MEMORY_BYTES || !self.client.can_send_message(CHANNEL, frame.len()) {
-            bevy::log::warn!(
+            ::tracing::warn!(
                 "bevy_synq: a message of {} bytes does not fit the UDP transport's send buffer; dropped",
                 frame.len()
             );

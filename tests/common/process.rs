@@ -122,7 +122,7 @@ pub struct MovableReflector(pub std::sync::Arc<std::sync::Mutex<SocketAddr>>);
 impl bevy_synq::transport::Connector for MovableReflector {
     fn connect(&mut self) -> Result<Box<dyn bevy_synq::transport::Connection>, String> {
         let addr = *self.0.lock().unwrap();
-        bevy_synq::transport::udp::UdpConnector::new(addr, bevy_synq::reflector::server::DEFAULT_PROTOCOL_ID).connect()
+        bevy_synq::transport::udp::UdpConnector::new(addr, bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID).connect()
     }
 
     fn describe(&self) -> String {

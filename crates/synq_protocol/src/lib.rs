@@ -5,7 +5,8 @@
 //! hashed and persisted documents, end-to-end encryption ([`crypto`]), join [`link`]s, and the
 //! messages exchanged between clients and the reflector ([`wire`]) with their bounded binary
 //! [`codec`] and the [`chunk`]ing of frames larger than one transport message, and the
-//! [`membership`] proofs with which clients show the reflector that they hold the password.
+//! [`membership`] proofs with which clients show the reflector that they hold the password; with
+//! the `udp` feature, the renet channel layout both ends of the UDP transport use (`udp`).
 //!
 //! The reflector links this crate too, but it only ever handles [`crypto::Sealed`] payloads: it has
 //! no key and therefore never sees plaintext.
@@ -21,6 +22,8 @@ pub mod limits;
 pub mod link;
 pub mod membership;
 pub mod netcode_guard;
+#[cfg(feature = "udp")]
+pub mod udp;
 pub mod wire;
 
 pub use code_hash::CodeHasher;

@@ -8,12 +8,16 @@
 //!
 //! The session logic is a sans-IO state machine, [`Reflector`]: it is fed `(now, client, message)`
 //! and answers with [`Output`]s. Drivers move bytes: [`inproc`] connects clients in the same
-//! process over crossbeam channels (the embedded default for solo play and tests).
+//! process over crossbeam channels (the embedded default for solo play and tests); [`server`] (the
+//! `udp` feature, on by default) serves over UDP. The `cli` feature (on by default) adds what only
+//! the `synq-reflector` and `synq-load` binaries need; a game hosting a reflector takes
+//! `default-features = false, features = ["udp"]`.
 #![deny(missing_docs)]
 
 mod access;
 mod core;
 pub mod inproc;
+#[cfg(feature = "udp")]
 pub mod server;
 mod session;
 pub mod storage;

@@ -34,9 +34,10 @@ use clap::{Parser, Subcommand};
 use synq_reflector::{AccessControl, ReflectorConfig};
 
 mod persisted_cli;
+use synq_protocol::udp::DEFAULT_PROTOCOL_ID;
 use synq_reflector::server::{
-    DEFAULT_JOIN_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT,
-    UdpReflector, UdpReflectorConfig, netcode_error_counter,
+    DEFAULT_JOIN_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_CLIENTS_LIMIT, UdpReflector,
+    UdpReflectorConfig, netcode_error_counter,
 };
 use tracing_subscriber::prelude::*;
 

@@ -7,13 +7,9 @@
 //!
 //! # Wire
 //!
-//! One renet channel, [`CHANNEL`], reliable and ordered, in each direction; every renet message
-//! is exactly one codec frame ([`codec::encode_client`] / [`codec::encode_server`]). renet splits
-//! a message into slices of about 1 KiB and reassembles it, so a frame may be as large as the
-//! channel's memory, [`CHANNEL_MEMORY_BYTES`] (64 MiB): that is the largest snapshot or `Sync`
-//! this transport carries, below the codec's own [`Limits::max_frame_bytes`]. The same memory
-//! bounds what one client can make the reflector buffer (unacknowledged sends plus incomplete
-//! receives, per direction). Both ends must use [`connection_config`].
+//! The renet channel layout and protocol id of [`synq_protocol::udp`], which clients use too. The
+//! channel memory, [`CHANNEL_MEMORY_BYTES`] per direction, bounds what one client can make the
+//! reflector buffer (unacknowledged sends plus incomplete receives).
 //!
 //! # Security
 //!
@@ -47,33 +43,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use renet::{Bytes, ChannelConfig, ConnectionConfig, RenetServer, SendType, ServerEvent};
+use renet::{Bytes, RenetServer, ServerEvent};
 use renet_netcode::{ServerAuthentication, ServerConfig};
 
 mod log_limit;
 mod transport;
+#[cfg(feature = "cli")]
 pub use log_limit::netcode_error_counter;
 use log_limit::{LogLimit, REPORT_EVERY};
 use synq_protocol::codec::{self, DecodeError};
+use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, DEFAULT_PROTOCOL_ID, connection_config};
 use synq_protocol::wire::{ErrorCode, ErrorMessage, ServerMessage};
 use transport::Transport;
 
 use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
 use crate::storage::{DiskStorage, StorageError};
 
-#[cfg(doc)]
-use synq_protocol::Limits;
-
-/// The renet channel every bevy_synq message travels on (reliable, ordered), in both directions.
-pub const CHANNEL: u8 = 0;
-
-/// How many bytes one direction of one connection may hold in flight; also the largest frame this
-/// transport carries (64 MiB).
-pub const CHANNEL_MEMORY_BYTES: usize = 64 * 1024 * 1024;
-
-/// The netcode protocol id used when none is configured (`"SYNQ"` and a format number). Clients
-/// and the reflector must agree on it; a mismatch looks like an unreachable server.
-pub const DEFAULT_PROTOCOL_ID: u64 = 0x5359_4e51_0000_0001;
 
 /// The address the binary listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
@@ -83,26 +68,6 @@ pub const MAX_CLIENTS_LIMIT: usize = 1024;
 
 /// How long a closed client is given to acknowledge its final error before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
-
-/// Bytes renet may send per connection per loop iteration. At ≈1,000 iterations a second this is
-/// ≈16 MB/s per client, while staying well inside a default 208 KiB socket receive buffer for a
-/// client that reads once per 16 ms frame.
-const BYTES_PER_TICK: u64 = 16 * 1024;
-
-/// The renet connection configuration both the reflector and its clients must use: one reliable,
-/// ordered channel ([`CHANNEL`]) of [`CHANNEL_MEMORY_BYTES`] in each direction.
-pub fn connection_config() -> ConnectionConfig {
-    let channel = ChannelConfig {
-        channel_id: CHANNEL,
-        max_memory_usage_bytes: CHANNEL_MEMORY_BYTES,
-        send_type: SendType::ReliableOrdered { resend_time: Duration::from_millis(100) },
-    };
-    ConnectionConfig {
-        available_bytes_per_tick: BYTES_PER_TICK,
-        server_channels_config: vec![channel.clone()],
-        client_channels_config: vec![channel],
-    }
-}
 
 /// How a [`UdpReflector`] listens and behaves.
 #[derive(Clone, Debug)]

@@ -12,7 +12,7 @@ use synq_protocol::Limits;
 use synq_protocol::codec;
 use synq_protocol::netcode_guard::check_client_bound;
 use synq_protocol::wire::{ClientMessage, ServerMessage};
-use synq_reflector::server::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
+use synq_protocol::udp::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
 
 mod common;
 use common::ReflectorProcess;

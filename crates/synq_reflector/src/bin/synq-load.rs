@@ -51,10 +51,11 @@ use synq_protocol::codec;
 use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, Challenge, MemberSignature};
+use synq_protocol::udp::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
 use synq_protocol::wire::{
     ClientMessage, EventBody, HashVote, ServerMessage, SnapshotRecord, StampedEvent, VotePurpose,
 };
-use synq_reflector::server::{CHANNEL, DEFAULT_PROTOCOL_ID, MAX_CLIENTS_LIMIT, connection_config};
+use synq_reflector::server::MAX_CLIENTS_LIMIT;
 
 /// Bytes of each payload taken by the measurement header (sender, event number, send time).
 const HEADER_BYTES: usize = 16;

@@ -12,11 +12,16 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "cli")]
 use tracing::level_filters::LevelFilter;
+#[cfg(feature = "cli")]
 use tracing::{Event, Level, Metadata, Subscriber};
-use tracing_subscriber::filter::filter_fn;
-use tracing_subscriber::layer::{Context, Layer};
-use tracing_subscriber::registry::LookupSpan;
+#[cfg(feature = "cli")]
+use tracing_subscriber::{
+    filter::filter_fn,
+    layer::{Context, Layer},
+    registry::LookupSpan,
+};
 
 /// How often a cause is reported at most.
 pub(crate) const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -47,6 +52,7 @@ pub(crate) fn netcode_errors() -> u64 {
 ///     .with(synq_reflector::server::netcode_error_counter());
 /// # drop(subscriber);
 /// ```
+#[cfg(feature = "cli")]
 pub fn netcode_error_counter<S>() -> impl Layer<S> + Send + Sync + 'static
 where
     S: Subscriber + for<'span> LookupSpan<'span>,
@@ -58,8 +64,10 @@ where
     NetcodeErrorCounter.with_filter(filter)
 }
 
+#[cfg(feature = "cli")]
 struct NetcodeErrorCounter;
 
+#[cfg(feature = "cli")]
 impl<S: Subscriber> Layer<S> for NetcodeErrorCounter {
     fn on_event(&self, _: &Event<'_>, _: Context<'_, S>) {
         NETCODE_ERRORS.fetch_add(1, Ordering::Relaxed);
