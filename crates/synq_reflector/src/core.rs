@@ -298,12 +298,22 @@ impl Reflector {
 
     /// A connection closed (or timed out). Its view leaves its session.
     pub fn disconnect(&mut self, now: u64, client: ClientId) {
+        // The view leaves only if it does not come back within the leave delay.
+        self.remove_client(client, now + self.config.leave_delay_ms);
+    }
+
+    /// A client said it leaves its session: its view exits with the next users notice, without
+    /// waiting for the leave delay (it will not come back).
+    fn leave(&mut self, now: u64, client: ClientId) {
+        self.remove_client(client, now);
+    }
+
+    fn remove_client(&mut self, client: ClientId, view_leaves_at: u64) {
         let Some(state) = self.clients.remove(&client) else { return };
         let Some(session_id) = state.session else { return };
         if let Some(session) = self.sessions.get_mut(&session_id) {
             session.clients.retain(|(c, _)| *c != client);
-            // The view leaves only if it does not come back within the leave delay.
-            session.pending_leaves.push((state.view, now + self.config.leave_delay_ms));
+            session.pending_leaves.push((state.view, view_leaves_at));
         }
     }
 
@@ -383,7 +393,7 @@ impl Reflector {
             (ClientMessage::HashVote(vote), Some(session)) => self.vote(now, session, client, vote),
             (ClientMessage::SnapshotUpload(record), Some(session)) => self.upload(session, client, record),
             (ClientMessage::PersistUpload(record), Some(session)) => self.persist(session, client, record),
-            (ClientMessage::Leave, Some(_)) => self.disconnect(now, client),
+            (ClientMessage::Leave, Some(_)) => self.leave(now, client),
         }
     }
 

@@ -160,6 +160,26 @@ fn joins_and_leaves_are_batched_and_cancel_out() {
 }
 
 #[test]
+fn a_view_that_says_it_leaves_exits_without_the_leave_delay() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 0, 1, 10);
+    joined(&mut r, 50, 2, 20);
+    r.poll(1000);
+    sent(&mut r);
+    r.handle(1000, 2, ClientMessage::Leave);
+    let mut out = Vec::new();
+    // After one users batch (200 ms), well inside the 1250 ms leave delay.
+    for now in [1100, 1400] {
+        r.poll(now);
+        out.extend(sent(&mut r));
+    }
+    let users: Vec<_> =
+        events(&out, 1).into_iter().map(|e| e.body).filter(|b| matches!(b, EventBody::Users { .. })).collect();
+    assert_eq!(users, vec![EventBody::Users { joined: vec![], left: vec![ViewId(20)], reset: false }]);
+    assert!(events(&out, 2).is_empty(), "the leaver is no longer a client of the session");
+}
+
+#[test]
 fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
     let mut r = Reflector::new(ReflectorConfig::default());
     joined(&mut r, 0, 1, 10);
