@@ -64,14 +64,30 @@
 //! resources; refer to entities across time by [`ModelId`]; use the portable math in [`math`]
 //! for transcendental functions; order systems whose commands interact.
 //!
+//! ## Sessions at run time
+//!
+//! [`SynqPlugin::new`] joins a session at startup; [`SynqPlugin::idle`] starts outside any. From
+//! any system, [`SynqSession`] joins, leaves and switches sessions; the key derives on a task pool.
+//! The connection is the Bevy state [`SynqState`] (`OnEnter(SynqState::Synced)`,
+//! `in_state(SynqState::Syncing)`); [`SynqConnection`] holds its details; [`SynqStatus`] is sent
+//! as a message at every change.
+//!
 //! ## How a frame runs
 //!
-//! In `PreUpdate` ([`SynqSystems::Receive`], [`SynqSystems::Simulate`]) the client takes in what
-//! the reflector sent and runs the model up to the reflector's latest time; model → view messages
-//! are then written as Bevy messages. `Update` is yours: view systems read the model and publish.
+//! In `PreUpdate` ([`SynqSystems::Receive`], [`SynqSystems::Simulate`]) queued joins and leaves
+//! are carried out, then the client takes in what the reflector sent and runs the model up to the
+//! reflector's latest time; model → view messages are then written as Bevy messages. `Update` is yours: view systems read the model and publish.
 //! In `PostUpdate` ([`SynqSystems::Send`]) published events are sealed and sent. See
 //! `docs/architecture.md`.
 #![deny(missing_docs)]
+
+// The README's and the guides' snippets compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/persistence.md")]
+struct PersistenceGuideDoctests;
 
 mod client;
 mod config;

@@ -1,7 +1,10 @@
 //! Networking for the windowed game: where the reflector is, and the join link.
 //!
-//! * Hosting (no option): an [`EmbeddedUdpReflector`] — a [`UdpReflector`] on a background
-//!   thread, bound to 127.0.0.1 on a free port — that other processes join with the printed link.
+//! * Hosting (no option): a [`HostedReflector`] — a UDP reflector on a background thread — bound
+//!   to every interface (`0.0.0.0`), on port 5800 when it is free, else on a free port. The join
+//!   link carries the first address other devices reach it on (127.0.0.1 when the machine has
+//!   none), so a player on another machine of the LAN joins with it; this process's own clients
+//!   dial 127.0.0.1.
 //! * `--join LINK`: the reflector, app id, session name and password all come from the link.
 //! * `--reflector ADDR`: a standalone `synq-reflector`; name and password from `--name` /
 //!   `--password`, or random.
@@ -10,56 +13,33 @@
 //! ([`ReflectorTarget::Udp`]), so a joining process is on an equal footing.
 
 use bevy_synq::ReflectorTarget;
-use bevy_synq::protocol::link::{JoinLink, random_password, random_session_name};
+use bevy_synq::protocol::link::{DEFAULT_PORT, JoinLink, random_password, random_session_name};
 use bevy_synq::protocol::{AppId, SessionName};
-use bevy_synq::reflector::server::{UdpReflector, UdpReflectorConfig};
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use bevy_synq::reflector::server::{HostedReflector, ServerError, UdpReflectorConfig};
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 use crate::APP_ID;
 
-/// A UDP reflector serving on a thread of its own until [`EmbeddedUdpReflector::stop`].
-pub struct EmbeddedUdpReflector {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EmbeddedUdpReflector {
-    /// Binds 127.0.0.1 on a free port and starts serving (sessions in memory only).
-    pub fn start() -> Result<Self, String> {
-        let config = UdpReflectorConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..Default::default() };
-        let mut reflector = UdpReflector::bind(config).map_err(|e| format!("cannot start the reflector: {e}"))?;
-        let addr = reflector.local_addr();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("multiblaster-reflector".into())
-            .spawn(move || reflector.run(&flag))
-            .map_err(|e| format!("cannot start the reflector thread: {e}"))?;
-        Ok(Self { addr, stop, thread: Some(thread) })
+/// Starts the reflector this process hosts: every interface, port [`DEFAULT_PORT`] (what a
+/// firewall rule most likely allows) or, when that is taken, a free one. Sessions live in memory.
+fn start_reflector() -> Result<HostedReflector, String> {
+    let on_port = |port| {
+        HostedReflector::start(UdpReflectorConfig {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            ..Default::default()
+        })
+    };
+    match on_port(DEFAULT_PORT) {
+        Err(ServerError::Bind { .. }) => on_port(0),
+        other => other,
     }
-
-    /// The address it listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops serving (clients are told the reflector shuts down) and waits for the thread.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    .map_err(|e| format!("cannot start the reflector: {e}"))
 }
 
 /// How this process takes part.
 pub enum Role {
     /// It runs the reflector others join.
-    Host(EmbeddedUdpReflector),
+    Host(HostedReflector),
     /// It joined another process's game.
     Joined,
     /// It uses a standalone `synq-reflector`.
@@ -86,6 +66,14 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {host}:{port}: {e}"))?
         .next()
         .ok_or_else(|| format!("{host}:{port} resolves to no address"))
+}
+
+/// The given session name and password, or random ones.
+fn name_and_password(name: Option<&str>, password: Option<&str>) -> (String, String) {
+    (
+        name.map_or_else(|| random_session_name().as_str().to_string(), str::to_string),
+        password.map_or_else(random_password, str::to_string),
+    )
 }
 
 fn make_link(addr: SocketAddr, name: &str, password: &str) -> Result<String, String> {
@@ -128,37 +116,56 @@ impl Network {
                 role: Role::Joined,
             });
         }
-        let name = name.map_or_else(|| random_session_name().as_str().to_string(), str::to_string);
-        let password = password.map_or_else(random_password, str::to_string);
-        let (addr, role) = match reflector {
-            Some(text) => {
-                let addr = match text.parse::<SocketAddr>() {
-                    Ok(addr) => addr,
-                    Err(_) => {
-                        let (host, port) = text.rsplit_once(':').ok_or("--reflector: expected host:port")?;
-                        resolve(host, port.parse().map_err(|e| format!("--reflector: port: {e}"))?)?
-                    }
-                };
-                (addr, Role::Standalone)
-            }
-            None => {
-                let reflector = EmbeddedUdpReflector::start()?;
-                (reflector.addr(), Role::Host(reflector))
+        let Some(text) = reflector else { return Self::host(name, password) };
+        let (name, password) = name_and_password(name, password);
+        let addr = match text.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                let (host, port) = text.rsplit_once(':').ok_or("--reflector: expected host:port")?;
+                resolve(host, port.parse().map_err(|e| format!("--reflector: port: {e}"))?)?
             }
         };
         let link = make_link(addr, &name, &password)?;
-        Ok(Self { target: ReflectorTarget::Udp(addr), name, password, link, role })
+        Ok(Self { target: ReflectorTarget::Udp(addr), name, password, link, role: Role::Standalone })
+    }
+
+    /// Hosts a session (random name and password unless given) on a reflector of this process
+    /// that other devices can reach: the link carries its first LAN address.
+    pub fn host(name: Option<&str>, password: Option<&str>) -> Result<Self, String> {
+        let (name, password) = name_and_password(name, password);
+        let reflector = start_reflector()?;
+        let link = make_link(reflector.link_addr(), &name, &password)?;
+        Ok(Self {
+            target: ReflectorTarget::Udp(reflector.local_client_addr()),
+            name,
+            password,
+            link,
+            role: Role::Host(reflector),
+        })
     }
 
     /// Prints the welcome: what this process does, the join link and its QR code.
     pub fn print_welcome(&self) {
         let what = match &self.role {
-            Role::Host(reflector) => format!("hosting on the embedded reflector at {}", reflector.addr()),
+            Role::Host(reflector) => format!("hosting on UDP port {}", reflector.local_addr().port()),
             Role::Joined => "joining a running game".to_string(),
             Role::Standalone => "on a standalone synq-reflector".to_string(),
         };
         println!("Multiblaster — session \"{}\", {what}", self.name);
-        println!("Join from another terminal with:");
+        if let Role::Host(reflector) = &self.role {
+            let port = reflector.local_addr().port();
+            match reflector.reachable_addresses() {
+                [] => println!("This machine has no network address but 127.0.0.1: only players on it can join."),
+                addresses => {
+                    println!("Other devices reach this game at:");
+                    for addr in addresses {
+                        println!("  {addr}");
+                    }
+                    println!("(the link uses the first; the firewall must let UDP port {port} in)");
+                }
+            }
+        }
+        println!("Join from another terminal or machine with:");
         println!("  cargo run --release --example multiblaster --features render -- --join '{}'", self.link);
         println!("Join link: {}", self.link);
         match crate::qr::encode(self.link.as_bytes()) {
@@ -167,7 +174,7 @@ impl Network {
         }
     }
 
-    /// Stops the embedded reflector, if this process runs one.
+    /// Stops the hosted reflector, if this process runs one (clients are told it shuts down).
     pub fn stop(self) {
         if let Role::Host(reflector) = self.role {
             reflector.stop();

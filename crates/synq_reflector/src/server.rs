@@ -46,8 +46,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use renet::{Bytes, RenetServer, ServerEvent};
 use renet_netcode::{ServerAuthentication, ServerConfig};
 
+mod hosting;
 mod log_limit;
 mod transport;
+pub use hosting::{HostedReflector, reachable_addresses};
 #[cfg(feature = "cli")]
 pub use log_limit::netcode_error_counter;
 use log_limit::{LogLimit, REPORT_EVERY};
