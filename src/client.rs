@@ -403,23 +403,27 @@ impl SynqClient {
         match self.phase {
             Phase::Connecting => self.connect(model),
             Phase::Reconnecting { next_at, .. } if Instant::now() >= next_at => self.connect(model),
-            Phase::AwaitingSync { since, .. } if since.elapsed() > SYNC_TIMEOUT => {
-                return self.lost("no answer to join".into());
-            }
             _ => {}
         }
         if self.lost_at.is_some() && !self.within_rejoin_limit() && self.status.is_synced() {
             self.status = SynqStatus::Connecting;
         }
-        // Everything that arrived is taken in before the silence check: the transport may have
-        // received while the app did not run a frame (loading, a minimised window).
+        // Everything that arrived is taken in before the silence and join timeouts are checked: the
+        // transport may have received while the app did not run a frame (loading, a minimised
+        // window).
         self.take_in(model);
         // The reflector ticks when nothing else flows: a long silence means it is gone, even if
         // the transport has not noticed yet.
         let silence =
             std::time::Duration::from_millis(u64::from(self.config.tick_ms) * 20).max(self.config.silence_limit);
-        if matches!(self.phase, Phase::Running) && self.last_heard.elapsed() > silence {
-            self.lost(format!("no word from the reflector for {} ms", silence.as_millis()));
+        match self.phase {
+            Phase::Running if self.last_heard.elapsed() > silence => {
+                self.lost(format!("no word from the reflector for {} ms", silence.as_millis()));
+            }
+            Phase::AwaitingSync { since, .. } if since.elapsed() > SYNC_TIMEOUT => {
+                self.lost("no answer to join".into());
+            }
+            _ => {}
         }
     }
 

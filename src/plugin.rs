@@ -12,7 +12,7 @@ use crate::client::{ModelWorld, Outbox, SynqClient};
 use crate::config::SessionConfig;
 use crate::debug::synq_debug;
 use crate::model::app::{ModelApp, ModelPlugin, WorldSettings};
-use crate::session::{SessionModel, SessionRequests, apply_session_requests};
+use crate::session::{SessionModel, SessionRequests, apply_session_requests, leave_on_exit};
 use crate::status::{DivergenceDetected, SynqConnection, SynqProblem, SynqState, SynqStatus};
 use crate::transport::Connector;
 
@@ -42,8 +42,25 @@ pub enum ReflectorTarget {
     /// A `synq-reflector` over UDP (renet + netcode) at this address.
     #[cfg(feature = "udp")]
     Udp(std::net::SocketAddr),
-    /// Any other transport.
-    Custom(Arc<Mutex<Option<Box<dyn Connector>>>>),
+    /// Any other transport (see [`ReflectorTarget::custom`]). Every join through this target
+    /// connects through the same connector.
+    Custom(Arc<Mutex<Box<dyn Connector>>>),
+}
+
+impl ReflectorTarget {
+    /// A target that connects through `connector`, e.g. a transport of your own.
+    ///
+    /// ```no_run
+    /// use bevy_synq::prelude::*;
+    /// use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
+    /// use bevy_synq::transport::udp::UdpConnector;
+    ///
+    /// let connector = UdpConnector::new("127.0.0.1:5800".parse().unwrap(), DEFAULT_PROTOCOL_ID);
+    /// let target = ReflectorTarget::custom(connector);
+    /// ```
+    pub fn custom(connector: impl Connector) -> Self {
+        ReflectorTarget::Custom(Arc::new(Mutex::new(Box::new(connector))))
+    }
 }
 
 /// Adds a replicated model to an app.
@@ -194,7 +211,8 @@ impl Plugin for SynqPlugin {
             .configure_sets(PreUpdate, (SynqSystems::Receive, SynqSystems::Simulate).chain())
             .add_systems(PreUpdate, apply_session_requests.in_set(SynqSystems::Receive))
             .add_systems(PreUpdate, (receive_and_simulate, update_connection).chain().in_set(SynqSystems::Simulate))
-            .add_systems(PostUpdate, send.in_set(SynqSystems::Send));
+            .add_systems(PostUpdate, send.in_set(SynqSystems::Send))
+            .add_systems(Last, leave_on_exit);
     }
 }
 

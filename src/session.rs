@@ -22,7 +22,7 @@ use crate::debug::synq_debug;
 use crate::model::app::ModelPlugin;
 use crate::plugin::{ReflectorTarget, session_ids_of};
 use crate::status::{SynqState, SynqStatus};
-use crate::transport::Connector;
+use crate::transport::{Connector, SharedConnector};
 
 /// Joins and leaves sessions from any system.
 ///
@@ -124,6 +124,15 @@ pub(crate) fn apply_session_requests(world: &mut World) {
     }
 }
 
+/// Leaves the session when the app exits, so the other replicas see this view exit at once
+/// rather than after the reflector's leave delay.
+pub(crate) fn leave_on_exit(world: &mut World) {
+    if world.resource::<Messages<AppExit>>().is_empty() {
+        return;
+    }
+    leave(world, "the app exits".into());
+}
+
 fn set_status(world: &mut World, status: SynqStatus) {
     if *world.resource::<SynqStatus>() != status {
         world.write_message(status.clone());
@@ -179,11 +188,7 @@ fn join(world: &mut World, session: SessionConfig, reflector: ReflectorTarget) -
         ReflectorTarget::Udp(addr) => {
             Box::new(crate::transport::udp::UdpConnector::new(addr, synq_protocol::udp::DEFAULT_PROTOCOL_ID))
         }
-        ReflectorTarget::Custom(slot) => slot
-            .lock()
-            .ok()
-            .and_then(|mut slot| slot.take())
-            .ok_or("a custom connector serves one join only; give a new ReflectorTarget::Custom for each")?,
+        ReflectorTarget::Custom(connector) => Box::new(SharedConnector(connector)),
     };
     info!(
         "bevy_synq: view {view} joining session {session_id} ({}/{}) via {}",

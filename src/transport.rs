@@ -4,7 +4,7 @@
 //! transport (crossbeam channels) is implemented here; a network transport implements the same
 //! two traits.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use synq_protocol::wire::{ClientMessage, ServerMessage};
 #[cfg(feature = "embedded")]
 use synq_reflector::inproc::{InProcessConnection, InProcessHandle};
@@ -27,6 +27,19 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&mut self) -> Result<Box<dyn Connection>, String>;
     /// Where it connects, for logs.
     fn describe(&self) -> String;
+}
+
+/// A connector shared by every join through one [`ReflectorTarget::Custom`](crate::ReflectorTarget::Custom).
+pub(crate) struct SharedConnector(pub(crate) Arc<Mutex<Box<dyn Connector>>>);
+
+impl Connector for SharedConnector {
+    fn connect(&mut self) -> Result<Box<dyn Connection>, String> {
+        self.0.lock().map_err(|_| "the custom connector panicked earlier".to_string())?.connect()
+    }
+
+    fn describe(&self) -> String {
+        self.0.lock().map_or_else(|_| "a custom connector (poisoned)".into(), |c| c.describe())
+    }
 }
 
 #[cfg(feature = "embedded")]

@@ -1,19 +1,15 @@
 //! Two Bevy apps in one session through a reflector on real UDP sockets (loopback): the
-//! `synq_reflector::server::UdpReflector` on a thread, and each app's `UdpConnector`. Both views
+//! `synq_reflector::server::HostedReflector` (a `UdpReflector` on a thread), and each app's `UdpConnector`. Both views
 //! publish events at the same time; the replicas must execute them in the same order and agree on
 //! their state hashes at every snapshot point they share.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bevy::prelude::*;
 use bevy_synq::SynqClient;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
-use bevy_synq::reflector::server::{UdpReflector, UdpReflectorConfig};
-use bevy_synq::transport::Connector;
+use bevy_synq::reflector::server::{HostedReflector, UdpReflectorConfig};
 use bevy_synq::transport::udp::UdpConnector;
 use serde::{Deserialize, Serialize};
 
@@ -71,34 +67,16 @@ fn publish(mut to_publish: ResMut<ToPublish>, mut bump: Publish<Bump>) {
     }
 }
 
-struct ReflectorThread {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for ReflectorThread {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn start_reflector() -> (ReflectorThread, std::net::SocketAddr) {
+fn start_reflector() -> (HostedReflector, std::net::SocketAddr) {
     let config = UdpReflectorConfig { listen: "127.0.0.1:0".parse().unwrap(), ..UdpReflectorConfig::default() };
-    let mut reflector = UdpReflector::bind(config).expect("the reflector binds a loopback port");
+    let reflector = HostedReflector::start(config).expect("the reflector binds a loopback port");
     let addr = reflector.local_addr();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::spawn(move || reflector.run(&flag));
-    (ReflectorThread { stop, thread: Some(thread) }, addr)
+    (reflector, addr)
 }
 
 fn client_app(addr: std::net::SocketAddr, view: u64, values: std::ops::Range<u64>) -> App {
     let session = test_session(view);
-    let connector: Box<dyn Connector> = Box::new(UdpConnector::new(addr, DEFAULT_PROTOCOL_ID));
-    let target = ReflectorTarget::Custom(Arc::new(Mutex::new(Some(connector))));
+    let target = ReflectorTarget::custom(UdpConnector::new(addr, DEFAULT_PROTOCOL_ID));
     let mut app = App::new();
     app.add_plugins(MinimalPlugins)
         .add_plugins(SynqPlugin::new(model, session).with_reflector(target))

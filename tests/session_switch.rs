@@ -172,3 +172,27 @@ fn join_leave_and_join_another_session_with_observers_in_both() {
         "the connection's states"
     );
 }
+
+#[test]
+fn an_app_that_exits_leaves_its_session_at_once() {
+    let session = test_session("switch-exit");
+    let mut h = Harness::new(session.clone(), Box::new(|| Box::new(adversarial::model)));
+    let watcher = h.add_client(with_bot(1));
+    h.run_rounds(10, 50);
+    let mut traveller = traveller();
+    let mut mine = session;
+    mine.view_id = Some(ViewId(903));
+    join(&mut traveller, mine, &h);
+    run_until(&mut h, &mut traveller, "the watcher sees the traveller", |h, t| {
+        state(t) == SynqState::Synced && players(&h.apps[watcher]).contains(&ViewId(903))
+    });
+
+    traveller.world_mut().write_message(AppExit::Success);
+    traveller.update();
+    assert!(!traveller.world().contains_resource::<SynqClient>(), "the client outlived the app's last frame");
+    // Well inside the reflector's 1.25 s leave delay.
+    for _ in 0..10 {
+        h.round(50);
+    }
+    assert!(!players(&h.apps[watcher]).contains(&ViewId(903)), "the exit waited for the leave delay");
+}

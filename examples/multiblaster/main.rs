@@ -1,24 +1,43 @@
 //! Multiblaster: the Croquet tutorial game, replicated with bevy_synq.
 //!
 //! ```text
-//! cargo run --release --example multiblaster --features render                 # host: embedded reflector, prints a join link
+//! cargo run --release --example multiblaster --features render                 # the lobby: host, join by link, or a reflector
+//! cargo run --release --example multiblaster --features render -- --host       # skip the lobby and host at once
 //! cargo run --release --example multiblaster --features render -- --join LINK  # join that game from another process
 //! cargo run --release --example multiblaster --features render -- --reflector 127.0.0.1:5800  # a standalone synq-reflector
 //! cargo run --example multiblaster -- --headless --bots 4 --seconds 60         # CI's determinism soak test
 //! ```
 //!
 //! Controls: arrows or WASD to turn and thrust, space (or S / down) to fire, Enter to type your
-//! initials for the high-score table.
+//! initials for the high-score table, Q to show or hide the join link's QR code, Esc to leave the
+//! game for the lobby.
 //!
-//! With no `--join` / `--reflector`, the game runs a UDP reflector ([`net::EmbeddedUdpReflector`])
-//! on a background thread, bound to 127.0.0.1 on a free port, and prints the join link
-//! (`synq://127.0.0.1:<port>/<appId>/<name>#pw=<password>`) and its QR code.
+//! With no `--join` / `--reflector` / `--host`, the window opens on the lobby ([`lobby`]): host a
+//! game, join one by its `synq://` link, or play a named session on a standalone reflector. Only
+//! when the player picks one does the game start networking, so the lobby needs no free port and
+//! reveals nothing. Hosting runs a UDP reflector on a background thread ([`net`]) for as long as
+//! this process plays in that session, and prints the join link
+//! (`synq://<host>:<port>/<appId>/<name>#pw=<password>`) and its QR code; the game shows both.
+//! Esc leaves the session and returns to the lobby, from which any other session can be joined
+//! without restarting: the app has one `SynqPlugin` for its whole life and switches sessions with
+//! `SynqSession` ([`view`]).
 //!
 //! `--headless` runs N bot players, each a separate Bevy app, on one in-process reflector with a
 //! virtual clock (faster than real time), adds a late joiner halfway through, and prints each
 //! client's model time and state hash at the end; it exits non-zero if they differ.
+//!
+//! Screenshots for CI: `--screenshot PATH` alone hosts at once (as `--host`) and saves the game;
+//! `--screenshot-lobby PATH` saves the lobby, and with `--screenshot` as well it then drives the
+//! lobby with simulated key presses — host, Esc back to the lobby, host a new session — and saves
+//! that second game, so one run covers the lobby, leaving and joining again.
 
 mod bots;
+#[cfg(feature = "render")]
+mod game;
+#[cfg(feature = "render")]
+mod hud;
+#[cfg(feature = "render")]
+mod lobby;
 mod model;
 #[cfg(feature = "render")]
 mod net;
@@ -35,19 +54,26 @@ pub const APP_ID: &str = "io.bevy-synq.multiblaster";
 
 const USAGE: &str = "\
 usage: multiblaster [options]
-  (no option)           open a window and host the game: an embedded reflector on 127.0.0.1,
-                        its join link printed (with a QR code) and shown in the HUD
-  --join LINK           join a running game: LINK is the synq://… link it printed
-  --reflector ADDR      use a standalone synq-reflector at ADDR (host:port)
-  --name NAME           session name (default: random; --session is an alias)
+  (no option)           open a window on the lobby: host a game, join one by its link, or play
+                        a named session on a standalone reflector (the options below fill it in)
+  --host                skip the lobby and host at once: an embedded reflector, its join link
+                        printed (with a QR code) and shown in the game
+  --join LINK           skip the lobby and join a running game: LINK is the synq://… link it shows
+  --reflector ADDR      skip the lobby and use a standalone synq-reflector at ADDR (host:port)
+  --name NAME           session name for hosting or a reflector (default: random; alias --session)
   --password PW         session password (default: random)
   --initials ABC        your initials for the high-score table (or press Enter in the game)
   --bots N              number of bot players (headless default 4, windowed default 0)
   --headless            run bot players without a window and print their state hashes
   --seconds S           headless: seconds of session time to simulate (default 60)
   --leaver              headless: one extra bot joins at the start and quits at 3/4 of the run
-  --screenshot PATH     windowed: save a PNG after --frames frames and exit
-  --frames N            frames before the screenshot (default 60)";
+  --screenshot PATH     windowed: save a PNG of the game after --frames frames and exit; alone,
+                        it hosts at once (as --host)
+  --screenshot-lobby PATH
+                        windowed: save a PNG of the lobby after --frames frames; with
+                        --screenshot too, then host from the lobby, leave with Esc, host again
+                        and save that game (simulated key presses)
+  --frames N            frames before each screenshot (default 60)";
 
 /// The parsed command line.
 #[derive(Debug, Default)]
@@ -61,7 +87,9 @@ struct Args {
     initials: Option<String>,
     join: Option<String>,
     reflector: Option<String>,
+    host: bool,
     screenshot: Option<std::path::PathBuf>,
+    screenshot_lobby: Option<std::path::PathBuf>,
     frames: u32,
 }
 
@@ -86,17 +114,23 @@ fn parse_args() -> Result<Args, String> {
             }
             "--join" => args.join = Some(value("--join")?),
             "--reflector" => args.reflector = Some(value("--reflector")?),
+            "--host" => args.host = true,
             "--screenshot" => args.screenshot = Some(value("--screenshot")?.into()),
+            "--screenshot-lobby" => args.screenshot_lobby = Some(value("--screenshot-lobby")?.into()),
             "--frames" => args.frames = value("--frames")?.parse().map_err(|e| format!("--frames: {e}"))?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if args.join.is_some() && args.reflector.is_some() {
-        return Err("--join and --reflector exclude each other".into());
+    let direct = [args.join.is_some(), args.reflector.is_some(), args.host].into_iter().filter(|d| *d).count();
+    if direct > 1 {
+        return Err("--join, --reflector and --host exclude each other".into());
     }
-    if args.headless && (args.join.is_some() || args.reflector.is_some()) {
-        return Err("--headless runs its own in-process reflector; it takes neither --join nor --reflector".into());
+    if args.headless && direct > 0 {
+        return Err("--headless runs its own in-process reflector; it takes no --join, --reflector or --host".into());
+    }
+    if args.screenshot_lobby.is_some() && direct > 0 {
+        return Err("--screenshot-lobby starts at the lobby; it takes no --join, --reflector or --host".into());
     }
     Ok(args)
 }
@@ -136,29 +170,40 @@ fn main() -> ExitCode {
 
 #[cfg(feature = "render")]
 fn windowed(args: Args) -> ExitCode {
-    let network = match net::Network::open(
-        args.join.as_deref(),
-        args.reflector.as_deref(),
-        args.name.as_deref(),
-        args.password.as_deref(),
-    ) {
-        Ok(network) => network,
-        Err(message) => {
-            eprintln!("multiblaster: {message}");
-            return ExitCode::from(2);
+    // A screenshot of the game with no lobby screenshot asked for: host at once, as CI always did.
+    let direct = args.join.is_some()
+        || args.reflector.is_some()
+        || args.host
+        || (args.screenshot.is_some() && args.screenshot_lobby.is_none());
+    let network = if direct {
+        // Opened before the window, so a bad link or address ends the program with a message
+        // instead of a window that shows an error.
+        match net::Network::open(
+            args.join.as_deref(),
+            args.reflector.as_deref(),
+            args.name.as_deref(),
+            args.password.as_deref(),
+        ) {
+            Ok(network) => Some(network),
+            Err(message) => {
+                eprintln!("multiblaster: {message}");
+                return ExitCode::from(2);
+            }
         }
+    } else {
+        None
     };
-    network.print_welcome();
-    let session = session_config(&network.name, &network.password);
     let options = view::ViewOptions {
         bots: args.bots.unwrap_or(0),
         screenshot: args.screenshot,
+        screenshot_lobby: args.screenshot_lobby,
         frames: args.frames,
         initials: args.initials,
+        name: args.name,
+        password: args.password,
+        reflector: args.reflector,
     };
-    let code = view::run(session, &network, options);
-    network.stop();
-    code
+    view::run(network, options)
 }
 
 #[cfg(not(feature = "render"))]

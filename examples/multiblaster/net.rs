@@ -170,7 +170,7 @@ impl Network {
         println!("Join link: {}", self.link);
         match crate::qr::encode(self.link.as_bytes()) {
             Some(code) => println!("{}", code.to_terminal()),
-            None => println!("(the link is too long for the built-in QR code)"),
+            None => println!("(the link is too long for a QR code)"),
         }
     }
 

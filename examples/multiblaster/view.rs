@@ -1,114 +1,202 @@
-//! The windowed view: vector line art with gizmos, smoothed motion, a HUD, keyboard input.
+//! The windowed game: the app, its two screens, and the session it plays in.
 //!
-//! The HUD shows the session name, the join link, the connection state, the player count, the
-//! scores in play and the high-score table. Enter starts typing initials (1–3 letters or digits,
-//! Enter again to confirm, Escape to cancel); they are published as [`SetInitials`] and re-sent
-//! until the own ship carries them (e.g. after a reconnect).
+//! The app has one [`SynqPlugin`] for its whole life. Started from the lobby it is
+//! [`SynqPlugin::idle`] and joins with [`SynqSession::join`] when the player picks a game;
+//! started with `--join` / `--reflector` / `--host` it is [`SynqPlugin::new`], which joins at
+//! startup. Either way Esc leaves the session ([`SynqSession::leave`]) and returns to the lobby,
+//! and the next join starts clean: the model world is dropped on leave, and the views clear what
+//! they kept per session.
 //!
-//! Reads the model with [`Model`] / [`ModelQuery`] and publishes [`Control`] events; never writes
-//! to the model. Model coordinates are canvas coordinates (1000×1000, y down); the camera shows
-//! the world centred, y up, so `to_screen` flips y.
+//! What a session needs besides the plugin lives in [`Current`]: the [`Network`] (with the
+//! embedded reflector when this process hosts) and the bot players' thread. Both end when the
+//! game screen is left, whether the player pressed Esc or the session ended under it (a refused
+//! password, a host that went away: the lobby then says why), and when the window closes.
+//!
+//! The screens are the game's own [`Screen`] state, not the connection state: the lobby is shown
+//! because the player is choosing, not because the client happens to be disconnected, and the
+//! game screen shows a session that is still connecting or syncing (the HUD says so).
+//!
+//! [`lobby`](crate::lobby) is the start screen, [`game`](crate::game) draws the model and reads
+//! the controls, [`hud`](crate::hud) shows the texts and the QR code.
 
 use bevy::camera::ScalingMode;
-use bevy::color::palettes::css::{GOLD, GRAY, ORANGE, SKY_BLUE};
-use bevy::platform::collections::HashMap;
+use bevy::input::ButtonState;
+use bevy::input::InputSystems;
+use bevy::input::keyboard::{Key, KeyboardInput};
 use bevy::prelude::*;
 use bevy::render::view::screenshot::{Screenshot, ScreenshotCaptured, save_to_disk};
-use bevy::sprite::Anchor;
+use bevy::window::PrimaryWindow;
 use bevy_synq::prelude::*;
-use bevy_synq::{SessionConfig, SynqClient};
+use bevy_synq::{SynqConnection, SynqSession, SynqState};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::model::{Asteroid, Blast, Control, HighScores, SAFE_ZONE, SetInitials, Ship, WORLD, clean_initials};
+use crate::bots::{BotThread, spawn_bot_thread};
+use crate::model::WORLD;
 use crate::net::Network;
 
 /// The windowed game's options from the command line.
 pub struct ViewOptions {
-    /// Bot players to add (on a thread of their own, through the same reflector).
+    /// Bot players to add to each session (on a thread of their own, through the same reflector).
     pub bots: usize,
-    /// Save a PNG here after `frames` frames and exit.
+    /// Save a PNG of the game here after `frames` frames and exit.
     pub screenshot: Option<PathBuf>,
-    /// Frames before the screenshot.
+    /// Save a PNG of the lobby here after `frames` frames (see [`Script`]).
+    pub screenshot_lobby: Option<PathBuf>,
+    /// Frames before each screenshot.
     pub frames: u32,
     /// Initials to sign the own ship with from the start.
     pub initials: Option<String>,
+    /// The lobby's session name, password and reflector address, from the command line.
+    pub name: Option<String>,
+    /// See `name`.
+    pub password: Option<String>,
+    /// See `name`.
+    pub reflector: Option<String>,
 }
 
-/// Opens the window: this player and `options.bots` bot players, all on `network`'s reflector.
-pub fn run(session: SessionConfig, network: &Network, options: ViewOptions) -> ExitCode {
-    let bots = crate::bots::spawn_bot_thread(options.bots, session.clone(), network.target.clone());
+/// Which screen the window shows.
+#[derive(States, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Screen {
+    /// Choosing a game.
+    #[default]
+    Lobby,
+    /// Playing in the [`Current`] session.
+    Game,
+}
 
+/// The session this window plays in, besides what the plugin holds: the network (and the
+/// embedded reflector when hosting) and the bot players.
+#[derive(Resource, Default)]
+pub struct Current {
+    /// Where the session is, its name and join link; `None` in the lobby.
+    pub network: Option<Network>,
+    /// The bot players' apps; dropping them stops their thread.
+    bots: Option<BotThread>,
+    /// The session was left; its bots and reflector stop once the plugin has let go of it.
+    left: bool,
+    /// The session was synced at least once (so a failure is an ending, not a failed join).
+    synced: bool,
+    /// The threads that end past sessions (see [`Current::end`]); `run` waits for them.
+    ending: Endings,
+}
+
+/// Threads that end sessions, shared with [`run`] so it can wait for them before the process ends.
+type Endings = std::sync::Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>;
+
+impl Current {
+    /// Takes over `network` and starts `bots` bot players in its session.
+    fn begin(&mut self, network: Network, bots: usize) {
+        self.end();
+        self.left = false;
+        self.synced = false;
+        network.print_welcome();
+        let session = crate::session_config(&network.name, &network.password);
+        self.bots = spawn_bot_thread(bots, session, network.target.clone());
+        self.network = Some(network);
+    }
+
+    /// Stops the bots, then the embedded reflector (if this process hosts one): in this order so
+    /// the bots do not spend their last frames reconnecting to a reflector that is gone.
+    ///
+    /// On a thread of its own, because both wait for threads: the bots' apps run their schedules
+    /// on Bevy's shared compute task pool, so a system of this app that waited for them there
+    /// could hold the very pool thread they wait for; and the reflector gives its clients a grace
+    /// period to hear that it closes, which no frame should wait for.
+    fn end(&mut self) {
+        let (bots, network) = (self.bots.take(), self.network.take());
+        if bots.is_none() && network.is_none() {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("multiblaster-end".into()).spawn(move || {
+            drop(bots);
+            if let Some(network) = network {
+                network.stop();
+            }
+        });
+        match (spawned, self.ending.lock()) {
+            (Ok(thread), Ok(mut ending)) => ending.push(thread),
+            (Ok(_), Err(_)) => {}
+            (Err(e), _) => eprintln!("multiblaster: cannot stop the session's bots and reflector: {e}"),
+        }
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Joins the session `network` leads to and switches to the game screen: the lobby's "go".
+pub fn join(
+    network: Network,
+    bots: usize,
+    session: &mut SynqSession,
+    current: &mut Current,
+    screen: &mut NextState<Screen>,
+) {
+    let config = crate::session_config(&network.name, &network.password);
+    session.join(config, network.target.clone());
+    current.begin(network, bots);
+    screen.set(Screen::Game);
+}
+
+/// Opens the window, on the lobby, or in the session of `network` when the command line chose one.
+pub fn run(network: Option<Network>, options: ViewOptions) -> ExitCode {
     let mut app = App::new();
     app.add_plugins(DefaultPlugins.set(WindowPlugin {
-        primary_window: Some(Window {
-            title: format!("Multiblaster — {}", session.name),
-            resolution: (720, 720).into(),
-            ..default()
-        }),
+        primary_window: Some(Window { title: "Multiblaster".into(), resolution: (720, 720).into(), ..default() }),
         ..default()
-    }))
-    .add_plugins(SynqPlugin::new(crate::model::model, session.clone()).with_reflector(network.target.clone()))
-    .insert_resource(ClearColor(Color::BLACK))
-    .insert_resource(SessionInfo { name: session.name.clone(), link: network.link.clone() })
-    .insert_resource(Initials { wanted: options.initials, ..default() })
-    .init_resource::<Smoothed>()
-    .add_systems(Startup, setup)
-    .add_systems(Update, (keyboard, send_initials, smooth, (draw, hud, labels)).chain());
-    if let Some(path) = options.screenshot {
-        app.insert_resource(ScreenshotPlan { path, frames: options.frames, taken: false })
-            .add_systems(Update, screenshot_after_frames);
+    }));
+    let mut current = Current::default();
+    let ending = current.ending.clone();
+    match network {
+        Some(network) => {
+            let session = crate::session_config(&network.name, &network.password);
+            app.add_plugins(SynqPlugin::new(crate::model::model, session).with_reflector(network.target.clone()))
+                .insert_state(Screen::Game);
+            current.begin(network, options.bots);
+        }
+        None => {
+            app.add_plugins(SynqPlugin::idle(crate::model::model)).insert_state(Screen::Lobby);
+        }
     }
-    app.run();
-    // Stop the bots before the reflector goes (main stops it after this returns).
-    drop(bots);
-    ExitCode::SUCCESS
+    app.insert_resource(current)
+        .insert_resource(ClearColor(Color::BLACK))
+        .add_plugins(crate::lobby::LobbyPlugin {
+            name: options.name.unwrap_or_default(),
+            password: options.password.unwrap_or_default(),
+            reflector: options.reflector.unwrap_or_default(),
+            bots: options.bots,
+        })
+        .add_plugins(crate::game::GamePlugin { initials: options.initials })
+        .add_plugins(crate::hud::HudPlugin)
+        .add_systems(Startup, camera)
+        .add_systems(Update, watch_session.run_if(in_state(Screen::Game)))
+        .add_systems(OnExit(Screen::Game), leave_session)
+        .add_systems(Update, end_left_session.run_if(in_state(Screen::Lobby)))
+        .add_systems(Update, window_title)
+        .add_systems(Last, end_on_exit);
+    if let Some(script) = Script::new(options.screenshot, options.screenshot_lobby, options.frames) {
+        app.insert_resource(script).add_systems(PreUpdate, run_script.before(InputSystems));
+    }
+    let exit = app.run();
+    // `end_on_exit` ended the last session; wait until every session's bots and reflector stopped.
+    let threads = ending.lock().map(|mut threads| std::mem::take(&mut *threads)).unwrap_or_default();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    match exit {
+        AppExit::Success => ExitCode::SUCCESS,
+        AppExit::Error(code) => ExitCode::from(code.get()),
+    }
 }
 
-#[derive(Resource)]
-struct SessionInfo {
-    name: String,
-    link: String,
-}
-
-/// The player's initials: what they want, what they are typing.
-#[derive(Resource, Default)]
-struct Initials {
-    /// The initials the own ship should carry.
-    wanted: Option<String>,
-    /// `Some` while typing (Enter … Enter).
-    editing: Option<String>,
-    /// When `wanted` was last published (seconds of app time).
-    sent_at: Option<f64>,
-}
-
-#[derive(Resource)]
-struct ScreenshotPlan {
-    path: PathBuf,
-    frames: u32,
-    taken: bool,
-}
-
-/// The parts of the HUD.
-#[derive(Component, Clone, Copy, PartialEq, Eq)]
-enum Hud {
-    /// Top left: session, players, connection state, scores in play.
-    Main,
-    /// Top right: the high-score table.
-    HighScores,
-    /// Bottom: initials, join link.
-    Link,
-}
-
-/// A ship's score label, following its ship.
-#[derive(Component)]
-struct Label(ModelId);
-
-/// The smoothed position and angle of each model object, by stable id (the tutorial's WeakMap).
-#[derive(Resource, Default)]
-struct Smoothed(HashMap<ModelId, Vec3>);
-
-fn setup(mut commands: Commands) {
+/// One camera for everything: the world is 1000×1000 units and fits the window, whatever its size;
+/// the lobby's and the HUD's UI nodes draw on it in window pixels.
+fn camera(mut commands: Commands) {
     commands.spawn((
         Camera2d,
         Projection::Orthographic(OrthographicProjection {
@@ -116,430 +204,177 @@ fn setup(mut commands: Commands) {
             ..OrthographicProjection::default_2d()
         }),
     ));
-    commands.spawn((
-        Hud::Main,
-        Text2d::new(""),
-        TextFont { font_size: FontSize::Px(20.0), ..default() },
-        TextColor(Color::WHITE),
-        Anchor::TOP_LEFT,
-        Transform::from_xyz(-WORLD / 2.0 + 12.0, WORLD / 2.0 - 12.0, 10.0),
-    ));
-    commands.spawn((
-        Hud::HighScores,
-        Text2d::new(""),
-        TextFont { font_size: FontSize::Px(20.0), ..default() },
-        TextColor(Color::from(GOLD)),
-        TextLayout::justify(Justify::Right),
-        Anchor::TOP_RIGHT,
-        Transform::from_xyz(WORLD / 2.0 - 12.0, WORLD / 2.0 - 12.0, 10.0),
-    ));
-    commands.spawn((
-        Hud::Link,
-        Text2d::new(""),
-        TextFont { font_size: FontSize::Px(14.0), ..default() },
-        TextColor(Color::from(GRAY)),
-        Anchor::BOTTOM_LEFT,
-        Transform::from_xyz(-WORLD / 2.0 + 12.0, -WORLD / 2.0 + 10.0, 10.0),
-    ));
 }
 
-/// Model (canvas) coordinates to world coordinates.
-fn to_screen(x: f32, y: f32) -> Vec2 {
-    Vec2::new(x - WORLD / 2.0, WORLD / 2.0 - y)
-}
-
-/// Keys that hold one control, and that control.
-type KeyGroup = (&'static [KeyCode], fn(bool) -> Control);
-
-/// The character a key types into the initials, if any.
-fn initial_char(key: KeyCode) -> Option<char> {
-    const LETTERS: [KeyCode; 26] = [
-        KeyCode::KeyA,
-        KeyCode::KeyB,
-        KeyCode::KeyC,
-        KeyCode::KeyD,
-        KeyCode::KeyE,
-        KeyCode::KeyF,
-        KeyCode::KeyG,
-        KeyCode::KeyH,
-        KeyCode::KeyI,
-        KeyCode::KeyJ,
-        KeyCode::KeyK,
-        KeyCode::KeyL,
-        KeyCode::KeyM,
-        KeyCode::KeyN,
-        KeyCode::KeyO,
-        KeyCode::KeyP,
-        KeyCode::KeyQ,
-        KeyCode::KeyR,
-        KeyCode::KeyS,
-        KeyCode::KeyT,
-        KeyCode::KeyU,
-        KeyCode::KeyV,
-        KeyCode::KeyW,
-        KeyCode::KeyX,
-        KeyCode::KeyY,
-        KeyCode::KeyZ,
-    ];
-    const DIGITS: [KeyCode; 10] = [
-        KeyCode::Digit0,
-        KeyCode::Digit1,
-        KeyCode::Digit2,
-        KeyCode::Digit3,
-        KeyCode::Digit4,
-        KeyCode::Digit5,
-        KeyCode::Digit6,
-        KeyCode::Digit7,
-        KeyCode::Digit8,
-        KeyCode::Digit9,
-    ];
-    if let Some(i) = LETTERS.iter().position(|k| *k == key) {
-        return Some((b'A' + i as u8) as char);
-    }
-    DIGITS.iter().position(|k| *k == key).map(|i| (b'0' + i as u8) as char)
-}
-
-/// Keys → thruster booleans on press and release, fire on press (auto-repeat never shows up as
-/// a new press). Enter switches to typing initials; the game keys rest meanwhile.
-fn keyboard(
-    keys: Res<ButtonInput<KeyCode>>,
-    mut initials: ResMut<Initials>,
-    mut publish: Publish<Control>,
-    mut held: Local<[bool; 3]>,
+/// Back to the lobby when the session ends under the game (refused, reflector gone): the lobby
+/// says why. Outside a session the game has nothing to show, and waiting there would hide the
+/// reason behind a stale HUD.
+///
+/// The session's state is current by `Update` of the frame after the join was asked for (the
+/// join and the state change both happen before it), which is also the first frame of this
+/// screen, so `Disconnected` here always means the session ended.
+fn watch_session(
+    state: Res<State<SynqState>>,
+    connection: Res<SynqConnection>,
+    mut current: ResMut<Current>,
+    mut form: ResMut<crate::lobby::LobbyForm>,
+    mut screen: ResMut<NextState<Screen>>,
 ) {
-    if let Some(mut typed) = initials.editing.clone() {
-        for key in keys.get_just_pressed() {
-            match key {
-                KeyCode::Enter | KeyCode::NumpadEnter => {
-                    let clean = clean_initials(&typed);
-                    if !clean.is_empty() {
-                        initials.wanted = Some(clean);
-                        initials.sent_at = None;
-                    }
-                    initials.editing = None;
-                    return;
-                }
-                KeyCode::Escape => {
-                    initials.editing = None;
-                    return;
-                }
-                KeyCode::Backspace => {
-                    typed.pop();
-                }
-                other => {
-                    if let Some(c) = initial_char(*other)
-                        && typed.len() < 3
-                    {
-                        typed.push(c);
-                    }
-                }
-            }
+    match state.get() {
+        SynqState::Disconnected => {
+            let reason = connection.reason.clone().unwrap_or_else(|| "no reason given".into());
+            let what = if current.synced { "The session ended" } else { "Could not join" };
+            form.note = Some(format!("{what}: {reason}"));
+            screen.set(Screen::Lobby);
         }
-        initials.editing = Some(typed);
+        SynqState::Synced if !current.synced => current.synced = true,
+        _ => {}
+    }
+}
+
+/// Leaving the game screen leaves its session: the plugin tells the reflector and drops the
+/// model at the start of the next frame.
+fn leave_session(mut session: SynqSession, mut current: ResMut<Current>) {
+    session.leave();
+    current.left = true;
+}
+
+/// Then the bots and (when this process hosted) the reflector stop: after the leave, so the own
+/// view's exit reaches the reflector while it still runs, and the client does not see its
+/// reflector vanish under it.
+fn end_left_session(session: SynqSession, mut current: ResMut<Current>) {
+    if current.left && session.ids().is_none() {
+        current.left = false;
+        current.end();
+    }
+}
+
+/// When the app exits (window closed, screenshot taken) the bots and the reflector stop before
+/// the process ends, rather than whenever the app happens to be dropped.
+fn end_on_exit(mut exits: MessageReader<AppExit>, mut current: ResMut<Current>) {
+    if exits.read().next().is_some() {
+        current.end();
+    }
+}
+
+/// The window's title names the session played in.
+fn window_title(current: Res<Current>, mut windows: Query<&mut Window, With<PrimaryWindow>>) {
+    if !current.is_changed() {
         return;
     }
-    if keys.any_just_pressed([KeyCode::Enter, KeyCode::NumpadEnter]) {
-        initials.editing = Some(String::new());
-        // Let go of the thrusters while typing.
-        let releases = [Control::Left(false), Control::Right(false), Control::Forward(false)];
-        for (held, release) in held.iter_mut().zip(releases) {
-            if std::mem::take(held) {
-                publish.send(release);
-            }
-        }
-        return;
-    }
-    let groups: [KeyGroup; 3] = [
-        (&[KeyCode::ArrowLeft, KeyCode::KeyA], Control::Left),
-        (&[KeyCode::ArrowRight, KeyCode::KeyD], Control::Right),
-        (&[KeyCode::ArrowUp, KeyCode::KeyW], Control::Forward),
-    ];
-    for ((group, control), held) in groups.into_iter().zip(held.iter_mut()) {
-        let pressed = keys.any_pressed(group.iter().copied());
-        if pressed != *held {
-            *held = pressed;
-            publish.send(control(pressed));
-        }
-    }
-    if keys.any_just_pressed([KeyCode::Space, KeyCode::KeyS, KeyCode::ArrowDown]) {
-        publish.send(Control::Fire);
-    }
-}
-
-/// Publishes the wanted initials until the own ship carries them (at most once a second).
-fn send_initials(
-    time: Res<Time>,
-    client: Res<SynqClient>,
-    mut initials: ResMut<Initials>,
-    mut ships: ModelQuery<&Ship>,
-    mut publish: Publish<SetInitials>,
-) {
-    let Some(wanted) = initials.wanted.clone() else { return };
-    if !client.is_synced() {
-        return;
-    }
-    let me = client.ids().view;
-    let Some(current) = ships.iter().find(|s| s.view == me).map(|s| s.initials.clone()) else { return };
-    let now = time.elapsed_secs_f64();
-    if current != wanted && initials.sent_at.is_none_or(|t| now >= t + 1.0) {
-        initials.sent_at = Some(now);
-        publish.send(SetInitials(wanted));
-    }
-}
-
-/// 30 % of the way to the model each frame; snap on wrap-around or respawn (≥ 50 px) and on big
-/// turns (≥ 1 rad).
-fn smooth(
-    mut smoothed: ResMut<Smoothed>,
-    mut ships: ModelQuery<(&ModelId, &Ship)>,
-    mut asteroids: ModelQuery<(&ModelId, &Asteroid)>,
-    mut blasts: ModelQuery<(&ModelId, &Blast)>,
-) {
-    let mut targets: Vec<(ModelId, Vec3)> = Vec::new();
-    targets.extend(ships.iter().map(|(id, s)| (*id, Vec3::new(s.x, s.y, s.a))));
-    targets.extend(asteroids.iter().map(|(id, a)| (*id, Vec3::new(a.x, a.y, a.a))));
-    targets.extend(blasts.iter().map(|(id, b)| (*id, Vec3::new(b.x, b.y, 0.0))));
-    let mut next = HashMap::default();
-    for (id, target) in targets {
-        let value = match smoothed.0.get(&id) {
-            Some(old) => {
-                let d = target - *old;
-                if d.x.abs() >= 50.0 || d.y.abs() >= 50.0 || d.z.abs() >= 1.0 { target } else { *old + d * 0.3 }
-            }
-            None => target,
-        };
-        next.insert(id, value);
-    }
-    smoothed.0 = next;
-}
-
-/// Draws `points` (model-local, relative to (x, y), rotated by `a`) as a closed or open polyline,
-/// and again across the edges when the object is near them.
-fn draw_shape(gizmos: &mut Gizmos, at: Vec3, radius: f32, points: &[Vec2], closed: bool, color: Color) {
-    let (sin, cos) = at.z.sin_cos();
-    let mut xs = vec![0.0];
-    if at.x < radius {
-        xs.push(WORLD);
-    }
-    if at.x > WORLD - radius {
-        xs.push(-WORLD);
-    }
-    let mut ys = vec![0.0];
-    if at.y < radius {
-        ys.push(WORLD);
-    }
-    if at.y > WORLD - radius {
-        ys.push(-WORLD);
-    }
-    for ox in &xs {
-        for oy in &ys {
-            let mut line: Vec<Vec2> = points
-                .iter()
-                .map(|p| to_screen(at.x + ox + p.x * cos - p.y * sin, at.y + oy + p.x * sin + p.y * cos))
-                .collect();
-            if closed && let Some(first) = line.first().copied() {
-                line.push(first);
-            }
-            gizmos.linestrip_2d(line, color);
-        }
-    }
-}
-
-fn draw(
-    mut gizmos: Gizmos,
-    smoothed: Res<Smoothed>,
-    client: Res<SynqClient>,
-    mut ships: ModelQuery<(&ModelId, &Ship)>,
-    mut asteroids: ModelQuery<(&ModelId, &Asteroid)>,
-    mut blasts: ModelQuery<(&ModelId, &Blast)>,
-) {
-    let me = client.ids().view;
-    // The world's edge and the safe zone.
-    gizmos.rect_2d(Isometry2d::IDENTITY, Vec2::splat(WORLD), Color::from(GRAY).with_alpha(0.4));
-    let safe =
-        [Vec2::new(SAFE_ZONE, 0.0), Vec2::new(0.0, SAFE_ZONE), Vec2::new(-SAFE_ZONE, 0.0), Vec2::new(0.0, -SAFE_ZONE)];
-    draw_shape(&mut gizmos, Vec3::new(500.0, 500.0, 0.0), 0.0, &safe, true, Color::from(GRAY).with_alpha(0.25));
-
-    for (id, asteroid) in asteroids.iter() {
-        let Some(at) = smoothed.0.get(id).copied() else { continue };
-        let s = asteroid.size;
-        let color = Color::WHITE;
-        if asteroid.was_hit == 0 {
-            let diamond = [Vec2::new(s, 0.0), Vec2::new(0.0, s), Vec2::new(-s, 0.0), Vec2::new(0.0, -s)];
-            draw_shape(&mut gizmos, at, s, &diamond, true, color);
-        } else {
-            // Debris: the four edges drift apart by `was_hit`.
-            let t = asteroid.was_hit as f32;
-            let fade = color.with_alpha(1.0 - (t / s).min(0.9));
-            for (a, b, dir) in [
-                (Vec2::new(s, 0.0), Vec2::new(0.0, s), Vec2::new(t, t)),
-                (Vec2::new(0.0, s), Vec2::new(-s, 0.0), Vec2::new(-t, t)),
-                (Vec2::new(-s, 0.0), Vec2::new(0.0, -s), Vec2::new(-t, -t)),
-                (Vec2::new(0.0, -s), Vec2::new(s, 0.0), Vec2::new(t, -t)),
-            ] {
-                draw_shape(&mut gizmos, at, s + 2.0 * t, &[a + dir, b + dir], false, fade);
-            }
-        }
-    }
-
-    for (id, ship) in ships.iter() {
-        let Some(at) = smoothed.0.get(id).copied() else { continue };
-        let own = ship.view == me;
-        let color = if own { Color::from(GOLD) } else { Color::WHITE };
-        let (nose, left, right) = (Vec2::new(20.0, 0.0), Vec2::new(-20.0, 10.0), Vec2::new(-20.0, -10.0));
-        if ship.was_hit == 0 {
-            draw_shape(&mut gizmos, at, 30.0, &[nose, left, right], true, color);
-            if own {
-                // The tutorial fills the own ship; gizmos draw lines, so nest a smaller one.
-                draw_shape(&mut gizmos, at, 30.0, &[nose * 0.5, left * 0.5, right * 0.5], true, color);
-            }
-            if ship.forward {
-                draw_shape(
-                    &mut gizmos,
-                    at,
-                    40.0,
-                    &[Vec2::new(-22.0, 5.0), Vec2::new(-32.0, 0.0), Vec2::new(-22.0, -5.0)],
-                    false,
-                    Color::from(ORANGE),
-                );
-            }
-            if ship.is_safe() {
-                gizmos.circle_2d(to_screen(at.x, at.y), 26.0, Color::from(SKY_BLUE).with_alpha(0.5));
-            }
-        } else {
-            let t = ship.was_hit as f32;
-            let fade = color.with_alpha(1.0 - (t / 60.0).min(0.9));
-            for (a, b, dir) in
-                [(nose, left, Vec2::new(t, t)), (left, right, Vec2::new(-t, 0.0)), (right, nose, Vec2::new(t, -t))]
-            {
-                draw_shape(&mut gizmos, at, 30.0 + 2.0 * t, &[a + dir, b + dir], false, fade);
-            }
-        }
-    }
-
-    for (id, _) in blasts.iter() {
-        let Some(at) = smoothed.0.get(id).copied() else { continue };
-        gizmos.circle_2d(to_screen(at.x, at.y), 2.0, Color::WHITE);
-    }
-}
-
-fn status_text(status: &SynqStatus) -> String {
-    match status {
-        SynqStatus::Connecting => "connecting".into(),
-        SynqStatus::Syncing { progress } => format!("syncing {:.0} %", progress * 100.0),
-        SynqStatus::Synced => "synced".into(),
-        SynqStatus::Disconnected { reason } => format!("disconnected: {reason}"),
-    }
-}
-
-fn short(view: ViewId) -> String {
-    let text = view.to_string();
-    text[text.len().saturating_sub(4)..].to_string()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn hud(
-    mut texts: Query<(&mut Text2d, &Hud)>,
-    info: Res<SessionInfo>,
-    initials: Res<Initials>,
-    status: Res<SynqStatus>,
-    client: Res<SynqClient>,
-    model: Model,
-    mut ships: ModelQuery<(&ModelId, &Ship)>,
-) {
-    let me = client.ids().view;
-    let players = model.views().map_or(0, |v| v.len());
-    let mut scores: Vec<(u32, ModelId, ViewId, String)> =
-        ships.iter().map(|(id, s)| (s.score, *id, s.view, s.initials.clone())).collect();
-    scores.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut out = format!(
-        "MULTIBLASTER  session \"{}\"\n{} player{}  |  {}\n",
-        info.name,
-        players,
-        if players == 1 { "" } else { "s" },
-        status_text(&status)
-    );
-    for (score, _, view, initials) in scores.iter().take(8) {
-        let name = if initials.is_empty() { format!("player {}", short(*view)) } else { initials.clone() };
-        let who = if *view == me { format!("{name} (you)") } else { name };
-        out.push_str(&format!("{score:>4}  {who}\n"));
-    }
-
-    let mut high = String::from("HIGH SCORES\n");
-    if let Some(table) = model.resource::<HighScores>() {
-        for (initials, score) in table.ranked().into_iter().take(10) {
-            high.push_str(&format!("{initials:<3} {score:>5}\n"));
-        }
-    }
-
-    let bottom = match &initials.editing {
-        Some(typed) => format!("INITIALS: {typed}_   (1-3 letters or digits, Enter = OK, Esc = cancel)\n{}", info.link),
-        None => format!(
-            "{}   Enter: set initials\njoin: {}",
-            initials.wanted.as_deref().map_or_else(|| "no initials".to_string(), |w| format!("initials {w}")),
-            info.link
-        ),
+    let title = match &current.network {
+        Some(network) => format!("Multiblaster — {}", network.name),
+        None => "Multiblaster".to_string(),
     };
-    for (mut text, part) in &mut texts {
-        let wanted = match part {
-            Hud::Main => &out,
-            Hud::HighScores => &high,
-            Hud::Link => &bottom,
-        };
-        if text.0 != *wanted {
-            text.0 = wanted.clone();
+    for mut window in &mut windows {
+        if window.title != title {
+            window.title = title.clone();
         }
     }
 }
 
-/// A score label next to each ship, as in the tutorial.
-fn labels(
-    mut commands: Commands,
-    smoothed: Res<Smoothed>,
-    mut ships: ModelQuery<(&ModelId, &Ship)>,
-    mut existing: Query<(Entity, &Label, &mut Text2d, &mut Transform)>,
-) {
-    let current: HashMap<ModelId, String> = ships
-        .iter()
-        .map(|(id, s)| {
-            (*id, if s.initials.is_empty() { s.score.to_string() } else { format!("{} {}", s.initials, s.score) })
-        })
-        .collect();
-    let mut seen = Vec::new();
-    for (entity, label, mut text, mut transform) in &mut existing {
-        match (current.get(&label.0), smoothed.0.get(&label.0)) {
-            (Some(wanted), Some(at)) => {
-                if text.0 != *wanted {
-                    text.0 = wanted.clone();
-                }
-                transform.translation = (to_screen(at.x, at.y) + Vec2::new(26.0, 18.0)).extend(5.0);
-                seen.push(label.0);
+/// What the CI script does next, and on which screen (another screen means the previous step did
+/// not do what it should: the script fails rather than save a misleading picture).
+enum Step {
+    /// Save a screenshot; exit afterwards if `exit`.
+    Shot { path: PathBuf, exit: bool, on: Screen },
+    /// Press and release a key, as the keyboard would.
+    Press(KeyCode, Screen),
+}
+
+/// Screenshots for CI, and the key presses between them.
+///
+/// Keys are simulated as [`KeyboardInput`] messages written before Bevy's input systems, exactly
+/// where the window's own key messages arrive, so the lobby and the game handle them through
+/// their real input paths (the lobby reads the messages, the game reads [`ButtonInput`]).
+#[derive(Resource)]
+struct Script {
+    /// The steps, each after so many frames since the previous one.
+    steps: VecDeque<(u32, Step)>,
+    /// Frames since the previous step.
+    frames: u32,
+    /// A pressed key to release in the next frame.
+    release: Option<KeyCode>,
+    /// A screenshot is being captured: wait for it before going on.
+    capturing: bool,
+}
+
+impl Script {
+    fn new(game: Option<PathBuf>, lobby: Option<PathBuf>, frames: u32) -> Option<Self> {
+        let mut steps = VecDeque::new();
+        match (lobby, game) {
+            (Some(lobby), Some(game)) => {
+                // Lobby, then "Host a game" (the lobby's first row, focused at start), Esc back to
+                // the lobby once the game runs, host a new session, and save that game.
+                steps.push_back((frames, Step::Shot { path: lobby, exit: false, on: Screen::Lobby }));
+                steps.push_back((5, Step::Press(KeyCode::Enter, Screen::Lobby)));
+                steps.push_back((frames / 2 + 1, Step::Press(KeyCode::Escape, Screen::Game)));
+                steps.push_back((20, Step::Press(KeyCode::Enter, Screen::Lobby)));
+                steps.push_back((frames, Step::Shot { path: game, exit: true, on: Screen::Game }));
             }
-            _ => commands.entity(entity).despawn(),
+            (Some(path), None) => steps.push_back((frames, Step::Shot { path, exit: true, on: Screen::Lobby })),
+            (None, Some(path)) => steps.push_back((frames, Step::Shot { path, exit: true, on: Screen::Game })),
+            (None, None) => return None,
         }
-    }
-    for (id, label) in current {
-        if !seen.contains(&id) {
-            commands.spawn((
-                Label(id),
-                Text2d::new(label),
-                TextFont { font_size: FontSize::Px(16.0), ..default() },
-                TextColor(Color::WHITE),
-                Transform::from_xyz(-10_000.0, 0.0, 5.0),
-            ));
-        }
+        Some(Self { steps, frames: 0, release: None, capturing: false })
     }
 }
 
-fn screenshot_after_frames(mut commands: Commands, mut plan: ResMut<ScreenshotPlan>, mut frame: Local<u32>) {
-    *frame += 1;
-    if plan.taken || *frame < plan.frames {
+fn key_message(key: KeyCode, state: ButtonState, window: Entity) -> KeyboardInput {
+    let logical_key = match key {
+        KeyCode::Enter => Key::Enter,
+        KeyCode::Escape => Key::Escape,
+        _ => Key::Unidentified(bevy::input::keyboard::NativeKey::Unidentified),
+    };
+    KeyboardInput { key_code: key, logical_key, state, text: None, repeat: false, window }
+}
+
+fn run_script(
+    mut commands: Commands,
+    mut script: ResMut<Script>,
+    mut keys: MessageWriter<KeyboardInput>,
+    window: Query<Entity, With<PrimaryWindow>>,
+    screen: Res<State<Screen>>,
+    mut exits: MessageWriter<AppExit>,
+) {
+    let Ok(window) = window.single() else { return };
+    if let Some(key) = script.release.take() {
+        keys.write(key_message(key, ButtonState::Released, window));
+    }
+    if script.capturing {
         return;
     }
-    plan.taken = true;
-    commands.spawn(Screenshot::primary_window()).observe(save_to_disk(plan.path.clone())).observe(
-        |_: On<ScreenshotCaptured>, mut exit: MessageWriter<AppExit>| {
-            exit.write(AppExit::Success);
-        },
-    );
+    script.frames += 1;
+    let Some((wait, _)) = script.steps.front() else { return };
+    if script.frames < *wait {
+        return;
+    }
+    script.frames = 0;
+    let Some((_, step)) = script.steps.pop_front() else { return };
+    let (Step::Press(_, on) | Step::Shot { on, .. }) = &step;
+    if on != screen.get() {
+        eprintln!("multiblaster script: expected the {on:?} screen, found the {:?} screen", screen.get());
+        exits.write(AppExit::from_code(1));
+        script.steps.clear();
+        return;
+    }
+    match step {
+        Step::Press(key, _) => {
+            println!("multiblaster script: pressing {key:?} on the {:?} screen", screen.get());
+            keys.write(key_message(key, ButtonState::Pressed, window));
+            script.release = Some(key);
+        }
+        Step::Shot { path, exit, .. } => {
+            println!("multiblaster script: saving the {:?} screen to {}", screen.get(), path.display());
+            script.capturing = true;
+            commands.spawn(Screenshot::primary_window()).observe(save_to_disk(path)).observe(
+                move |_: On<ScreenshotCaptured>, mut script: ResMut<Script>, mut exits: MessageWriter<AppExit>| {
+                    script.capturing = false;
+                    if exit {
+                        exits.write(AppExit::Success);
+                    }
+                },
+            );
+        }
+    }
 }

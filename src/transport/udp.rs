@@ -1,41 +1,72 @@
 //! The network transport: a reflector reached over UDP (renet + netcode), as served by
-//! `synq-reflector` or [`synq_reflector::server::UdpReflector`].
+//! `synq-reflector` or `synq_reflector::server::UdpReflector`.
 //!
 //! ```no_run
 //! use bevy_synq::prelude::*;
 //! use bevy_synq::transport::udp::UdpConnector;
 //! use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
-//! use std::sync::{Arc, Mutex};
 //!
 //! let connector = UdpConnector::new("127.0.0.1:5800".parse().unwrap(), DEFAULT_PROTOCOL_ID);
-//! let target = ReflectorTarget::Custom(Arc::new(Mutex::new(Some(Box::new(connector)))));
+//! let target = ReflectorTarget::custom(connector.with_connect_timeout(std::time::Duration::from_secs(2)));
 //! ```
 //!
-//! [`Connection::poll`] drives the socket itself (receives, advances renet's clock, sends), so the
-//! plugin needs no extra system; [`Connection::send`] flushes at once, so an event leaves in the
-//! frame it was published. Transport-level security is netcode's *unsecure* mode: the payloads
-//! that matter are sealed end to end before they get here.
+//! # A network thread per connection
 //!
-//! The socket is read here rather than by `renet_netcode`'s client transport, so that every
-//! datagram can be checked first: only datagrams from the reflector's address that pass
+//! Each [`UdpConnection`] owns a thread, named `synq-udp`, that does all the socket work: it
+//! receives datagrams, advances netcode and renet, sends what the app queued, acknowledges what
+//! arrived, resends what was lost and keeps the connection alive. The app only exchanges ready
+//! values with it over two channels:
+//!
+//! - app → thread: encoded client frames ([`Connection::send`] encodes and returns at once);
+//! - thread → app: decoded server messages (decoded on the thread, within the connector's
+//!   [`Limits`]), then, once the connection is closed, the reason why.
+//!
+//! So the connection stays healthy while the app does not run frames: a frame that stalls for
+//! seconds (loading, a minimised window, a reactive update mode) neither stops the acks and
+//! keep-alives the reflector expects nor lets a large `Sync` overflow the socket; what arrives
+//! meanwhile waits, decoded, for the next [`Connection::poll`].
+//!
+//! The thread waits for a datagram with `poll(2)` (on other platforms it sleeps) for at most a
+//! millisecond, then takes every frame the app queued, so a frame leaves within about a
+//! millisecond of [`Connection::send`]. Acknowledgements alone are flushed every few
+//! milliseconds rather than on every wake-up, so a busy download does not turn into a stream of
+//! ack-only datagrams. The socket asks for 4 MiB receive and send buffers on unix.
+//!
+//! Dropping a [`UdpConnection`] closes the channel to the thread: the thread sends what was
+//! queued (such as the session's `Leave`), waits up to 100 ms for the reflector to acknowledge
+//! it, sends netcode's disconnect packet and ends; the drop waits for that. The thread also ends
+//! on its own if the app side disappears.
+//!
+//! Transport-level security is netcode's *unsecure* mode: the payloads that matter are sealed
+//! end to end before they get here.
+//!
+//! The socket is read by this module rather than by `renet_netcode`'s client transport, so that
+//! every datagram can be checked first: only datagrams from the reflector's address that pass
 //! [`synq_protocol::netcode_guard::check_client_bound`] reach renetcode, whose parser panics on
 //! some malformed datagrams (anyone can spoof the reflector's address).
 
-use std::collections::VecDeque;
-use std::io;
+mod worker;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use renet::RenetClient;
-use renetcode::{ClientAuthentication, NetcodeClient};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use synq_protocol::Limits;
 use synq_protocol::codec;
-use synq_protocol::netcode_guard::{MAX_DATAGRAM_BYTES, check_client_bound};
+use synq_protocol::udp::CHANNEL_MEMORY_BYTES;
 use synq_protocol::wire::{ClientMessage, ServerMessage};
-use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
 
 use super::{Connection, Connector};
+use worker::{Inbound, Shared, State, Worker};
+
+/// How long a dropped connection's thread may keep trying to get the frames queued before the
+/// drop (such as the session's `Leave`) acknowledged by the reflector.
+const LINGER: Duration = Duration::from_millis(100);
+
+/// How long a drop waits for the thread to end before leaving it to finish alone.
+const DROP_WAIT: Duration = Duration::from_millis(250);
 
 /// Opens [`UdpConnection`]s to a reflector at a UDP address.
 #[derive(Clone, Debug)]
@@ -76,26 +107,30 @@ impl Connector for UdpConnector {
     }
 }
 
-/// One connection to a UDP reflector. Dropping it tells the reflector at once.
+/// One connection to a UDP reflector, served by its own network thread (see the
+/// [module documentation](self)).
+///
+/// [`Connection::send`] queues an encoded frame for the thread, which sends it within about a
+/// millisecond; [`Connection::poll`] hands out the messages the thread received and decoded,
+/// however long ago, and then the reason the connection closed. Dropping it sends what was
+/// queued, then tells the reflector at once; the drop waits a few tens of milliseconds at most
+/// (see [`Drop`](#impl-Drop-for-UdpConnection)).
 pub struct UdpConnection {
-    client: RenetClient,
-    transport: Transport,
-    limits: Limits,
-    /// When renet's clock was last advanced.
-    last_update: Instant,
-    /// Give up if not connected by then.
-    connect_deadline: Option<Instant>,
-    inbox: VecDeque<Arc<ServerMessage>>,
-    /// Why the connection is closed, once it is.
+    /// Encoded frames for the thread; `None` once dropped (which tells the thread to finish).
+    outgoing: Option<Sender<Vec<u8>>>,
+    /// Decoded messages from the thread, then why the connection closed.
+    incoming: Receiver<Inbound>,
+    /// What the thread publishes for the app: connection state, RTT, send budget.
+    shared: Arc<Shared>,
+    /// Why the connection is closed, once the app has seen it.
     closed: Option<String>,
-}
-
-fn random_client_id() -> u64 {
-    use chacha20poly1305::aead::rand_core::RngCore;
-    chacha20poly1305::aead::OsRng.next_u64()
+    thread: Option<JoinHandle<()>>,
 }
 
 impl UdpConnection {
+    /// Opens the socket and starts the network thread, which sends the first connection request
+    /// at once. Fails only if the socket cannot be opened or the thread cannot be started; a
+    /// reflector that does not answer is reported by [`Connection::poll`].
     fn open(connector: &UdpConnector) -> Result<Self, String> {
         let local: SocketAddr = if connector.server_addr.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
@@ -103,205 +138,100 @@ impl UdpConnection {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let socket = UdpSocket::bind(local).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let authentication = ClientAuthentication::Unsecure {
-            protocol_id: connector.protocol_id,
-            client_id: random_client_id(),
-            server_addr: connector.server_addr,
-            user_data: None,
-        };
-        let transport = Transport::new(now, authentication, socket)?;
-        let started = Instant::now();
-        let mut connection = Self {
-            client: RenetClient::new(connection_config()),
-            transport,
-            limits: connector.limits,
-            last_update: started,
-            connect_deadline: Some(started + connector.connect_timeout),
-            inbox: VecDeque::new(),
-            closed: None,
-        };
-        // Sends the first connection request now rather than at the first poll.
-        connection.pump();
-        Ok(connection)
+        let (outgoing, frames) = crossbeam_channel::unbounded();
+        let (inbound, incoming) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared::new());
+        let worker = Worker::new(connector, socket, frames, inbound, shared.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("synq-udp".into())
+            .spawn(move || worker.run())
+            .map_err(|e| format!("cannot start the network thread: {e}"))?;
+        Ok(Self { outgoing: Some(outgoing), incoming, shared, closed: None, thread: Some(thread) })
     }
 
-    /// Whether the netcode handshake completed (messages sent before that wait in renet).
+    /// Whether the netcode handshake completed and the connection is still open (messages sent
+    /// before that wait in renet). Reflects the network thread's last iteration, at most about a
+    /// millisecond old.
     pub fn is_connected(&self) -> bool {
-        self.closed.is_none() && self.client.is_connected()
+        self.closed.is_none() && self.shared.state() == State::Connected
     }
 
-    /// The round-trip time renet measures, in seconds.
-    pub fn rtt(&self) -> f64 {
-        self.client.rtt()
-    }
-
-    fn fail(&mut self, reason: String) {
-        if self.closed.is_none() {
-            self.closed = Some(reason);
-        }
-    }
-
-    /// Advances renet, receives and decodes what arrived, and sends what is queued.
-    fn pump(&mut self) {
-        if self.closed.is_some() {
-            return;
-        }
-        let now = Instant::now();
-        let dt = now.saturating_duration_since(self.last_update);
-        self.last_update = now;
-        self.client.update(dt);
-        let updated = self.transport.update(dt, &mut self.client);
-        // Deliver what arrived before any failure, so a final error from the reflector is seen.
-        while let Some(frame) = self.client.receive_message(CHANNEL) {
-            match codec::decode_server(&frame, &self.limits) {
-                Ok(message) => self.inbox.push_back(Arc::new(message)),
-                Err(e) => {
-                    self.fail(format!("undecodable message from the reflector: {e}"));
-                    self.transport.disconnect();
-                    return;
-                }
-            }
-        }
-        if let Err(e) = updated {
-            return self.fail(format!("disconnected: {e}"));
-        }
-        if self.client.is_connected() {
-            self.connect_deadline = None;
-            self.flush();
-        } else if self.connect_deadline.is_some_and(|deadline| now >= deadline) {
-            self.fail("no answer from the reflector".into());
-            self.transport.disconnect();
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.closed.is_none()
-            && self.client.is_connected()
-            && let Err(e) = self.transport.send_packets(&mut self.client)
-        {
-            self.fail(format!("cannot send: {e}"));
-        }
-    }
-}
-
-/// netcode over a UDP socket (what `renet_netcode::NetcodeClientTransport` does), with every
-/// received datagram checked before renetcode parses it.
-struct Transport {
-    socket: UdpSocket,
-    netcode: NetcodeClient,
-    buffer: Box<[u8; MAX_DATAGRAM_BYTES]>,
-}
-
-impl Transport {
-    fn new(now: Duration, authentication: ClientAuthentication, socket: UdpSocket) -> Result<Self, String> {
-        socket.set_nonblocking(true).map_err(|e| format!("cannot configure the UDP socket: {e}"))?;
-        let netcode = NetcodeClient::new(now, authentication).map_err(|e| e.to_string())?;
-        Ok(Self { socket, netcode, buffer: Box::new([0; MAX_DATAGRAM_BYTES]) })
-    }
-
-    /// Takes in what arrived from the reflector, advances netcode by `duration` and sends its
-    /// handshake or keep-alive packet if one is due.
-    fn update(&mut self, duration: Duration, client: &mut RenetClient) -> Result<(), String> {
-        if let Some(reason) = self.netcode.disconnect_reason() {
-            client.disconnect_due_to_transport();
-            return Err(reason.to_string());
-        }
-        if let Some(reason) = client.disconnect_reason() {
-            self.disconnect();
-            return Err(reason.to_string());
-        }
-        if self.netcode.is_connected() {
-            client.set_connected();
-        } else if self.netcode.is_connecting() {
-            client.set_connecting();
-        }
-        let server = self.netcode.server_addr();
-        loop {
-            match self.socket.recv_from(&mut self.buffer[..]) {
-                Ok((len, addr)) => {
-                    let datagram = &mut self.buffer[..len];
-                    // Anyone may send to this port, and spoof the reflector's address too.
-                    if addr != server || check_client_bound(datagram).is_err() {
-                        continue;
-                    }
-                    if let Some(payload) = self.netcode.process_packet(datagram) {
-                        client.process_packet(payload);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => break,
-                // An ICMP "port unreachable" for an earlier send (Windows reports it here).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
-                Err(e) => return Err(format!("cannot receive: {e}")),
-            }
-        }
-        if let Some((packet, addr)) = self.netcode.update(duration) {
-            self.socket.send_to(packet, addr).map_err(|e| format!("cannot send: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Sends what renet has queued.
-    fn send_packets(&mut self, client: &mut RenetClient) -> Result<(), String> {
-        if let Some(reason) = self.netcode.disconnect_reason() {
-            return Err(reason.to_string());
-        }
-        for packet in client.get_packets_to_send() {
-            let (addr, payload) = self.netcode.generate_payload_packet(&packet).map_err(|e| e.to_string())?;
-            self.socket.send_to(payload, addr).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// Tells the reflector (once) that this end is gone.
-    fn disconnect(&mut self) {
-        if self.netcode.is_disconnected() {
-            return;
-        }
-        if let Ok((addr, packet)) = self.netcode.disconnect() {
-            // Best effort: the reflector times the connection out anyway.
-            let _ = self.socket.send_to(packet, addr);
-        }
+    /// The round-trip time renet measures (smoothed over the acknowledged packets; it includes
+    /// the reflector's delay before acknowledging), or `None` before the first measurement.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.shared.rtt()
     }
 }
 
 impl Connection for UdpConnection {
+    /// Encodes `message` and queues it for the network thread, which sends it within about a
+    /// millisecond. `false` if the connection is closed, or if the frame does not fit what renet
+    /// may hold unacknowledged ([`CHANNEL_MEMORY_BYTES`]); that message is then dropped, with a
+    /// warning.
     fn send(&mut self, message: ClientMessage) -> bool {
-        if self.closed.is_some() {
+        if self.closed.is_some() || self.shared.state() == State::Closed {
             return false;
         }
+        let Some(outgoing) = &self.outgoing else { return false };
         let frame = codec::encode_client(&message);
-        if frame.len() > CHANNEL_MEMORY_BYTES || !self.client.can_send_message(CHANNEL, frame.len()) {
-            ::tracing::warn!(
-                "bevy_synq: a message of {} bytes does not fit the UDP transport's send buffer; dropped",
-                frame.len()
-            );
+        let len = frame.len();
+        if len > CHANNEL_MEMORY_BYTES || !self.shared.reserve(len) {
+            tracing::warn!("bevy_synq: a message of {len} bytes does not fit the UDP transport's send buffer; dropped");
             return false;
         }
-        self.client.send_message(CHANNEL, frame);
-        self.flush();
+        if outgoing.send(frame).is_err() {
+            // The thread is gone; `poll` reports why.
+            self.shared.release(len);
+            return false;
+        }
         true
     }
 
+    /// The next message the network thread received, in order; once they are all handed out and
+    /// the connection is closed, `Err` with the reason (`"no answer from the reflector"`,
+    /// `"disconnected: …"`, `"undecodable message from the reflector: …"`, …), every time.
     fn poll(&mut self) -> Result<Option<Arc<ServerMessage>>, String> {
-        if self.inbox.is_empty() {
-            self.pump();
+        if let Some(reason) = &self.closed {
+            return Err(reason.clone());
         }
-        match self.inbox.pop_front() {
-            Some(message) => Ok(Some(message)),
-            None => match &self.closed {
-                Some(reason) => Err(reason.clone()),
-                None => Ok(None),
-            },
-        }
+        let reason = match self.incoming.try_recv() {
+            Ok(Inbound::Message(message)) => return Ok(Some(message)),
+            Err(TryRecvError::Empty) => return Ok(None),
+            Ok(Inbound::Closed(reason)) => reason,
+            Err(TryRecvError::Disconnected) => "the network thread stopped".to_string(),
+        };
+        self.closed = Some(reason.clone());
+        Err(reason)
+    }
+
+    fn rtt(&self) -> Option<Duration> {
+        UdpConnection::rtt(self)
     }
 }
 
 impl Drop for UdpConnection {
+    /// Tells the network thread to finish: it sends the frames queued so far, waits up to 100 ms
+    /// for the reflector to acknowledge them (usually one round trip plus the reflector's ack
+    /// delay, a few tens of milliseconds), sends netcode's disconnect packet and ends. Waits for
+    /// that, but never longer than 250 ms: a thread that takes longer finishes on its own.
     fn drop(&mut self) {
-        if self.closed.is_none() {
-            self.flush();
+        // The closed channel is the thread's signal to finish.
+        self.outgoing = None;
+        let Some(thread) = self.thread.take() else { return };
+        let deadline = Instant::now() + DROP_WAIT;
+        loop {
+            // The thread drops its end of `incoming` when it ends.
+            match self.incoming.recv_deadline(deadline) {
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = thread.join();
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::warn!("bevy_synq: the UDP network thread is slow to close; leaving it to finish");
+                    return;
+                }
+            }
         }
-        self.transport.disconnect();
     }
 }

@@ -132,9 +132,7 @@ impl bevy_synq::transport::Connector for MovableReflector {
 
 /// A client app whose reflector address can be changed while it runs.
 pub fn movable_app(model: impl ModelPlugin, session: SessionConfig, reflector: &MovableReflector) -> App {
-    let connector: Box<dyn bevy_synq::transport::Connector> = Box::new(reflector.clone());
-    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(connector)));
-    app_with(model, session, ReflectorTarget::Custom(slot))
+    app_with(model, session, ReflectorTarget::custom(reflector.clone()))
 }
 
 fn app_with(model: impl ModelPlugin, session: SessionConfig, target: ReflectorTarget) -> App {

@@ -61,7 +61,6 @@ use transport::Transport;
 use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
 use crate::storage::{DiskStorage, StorageError};
 
-
 /// The address the binary listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
 

@@ -11,8 +11,8 @@ use renetcode::{ClientAuthentication, NetcodeClient};
 use synq_protocol::Limits;
 use synq_protocol::codec;
 use synq_protocol::netcode_guard::check_client_bound;
-use synq_protocol::wire::{ClientMessage, ServerMessage};
 use synq_protocol::udp::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
+use synq_protocol::wire::{ClientMessage, ServerMessage};
 
 mod common;
 use common::ReflectorProcess;

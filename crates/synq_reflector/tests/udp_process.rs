@@ -12,9 +12,9 @@ use synq_protocol::codec;
 use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, MemberSignature};
+use synq_protocol::udp::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
 use synq_protocol::wire::{ClientMessage, ErrorCode, EventBody, Join, ServerMessage, StampedEvent};
 use synq_protocol::{Limits, PROTOCOL_VERSION};
-use synq_protocol::udp::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
 
 mod common;
 use common::ReflectorProcess;
