@@ -12,7 +12,7 @@ use crate::client::{ModelWorld, Outbox, SynqClient};
 use crate::config::SessionConfig;
 use crate::debug::synq_debug;
 use crate::model::app::{ModelApp, ModelPlugin, WorldSettings};
-use crate::session::{SessionModel, SessionRequests, apply_session_requests, leave_on_exit};
+use crate::session::{SessionModel, SessionRequests, apply_session_requests, leave_on_exit, start_session};
 use crate::status::{DivergenceDetected, SynqConnection, SynqProblem, SynqState, SynqStatus};
 use crate::transport::Connector;
 
@@ -194,14 +194,10 @@ impl Plugin for SynqPlugin {
         if !app.is_plugin_added::<StatesPlugin>() {
             app.add_plugins(StatesPlugin);
         }
-        let requests = match &self.startup {
-            Some((session, reflector)) => SessionRequests::join(session.clone(), reflector.clone()),
-            None => SessionRequests::default(),
-        };
         app.init_resource::<ModelWorld>()
             .insert_resource(outbox)
             .insert_resource(model)
-            .insert_resource(requests)
+            .init_resource::<SessionRequests>()
             .insert_resource(SynqStatus::Disconnected { reason: "not in a session".into() })
             .init_resource::<SynqConnection>()
             .init_state::<SynqState>()
@@ -213,6 +209,11 @@ impl Plugin for SynqPlugin {
             .add_systems(PreUpdate, (receive_and_simulate, update_connection).chain().in_set(SynqSystems::Simulate))
             .add_systems(PostUpdate, send.in_set(SynqSystems::Send))
             .add_systems(Last, leave_on_exit);
+        if let Some((session, reflector)) = &self.startup {
+            // Joined here rather than at the first frame, so that the client (its ids, its status)
+            // is there as soon as the app is built; the key still derives on the task pool.
+            start_session(app.world_mut(), session.clone(), reflector.clone());
+        }
     }
 }
 

@@ -83,13 +83,6 @@ pub(crate) struct SessionRequests {
     queue: Vec<SessionRequest>,
 }
 
-impl SessionRequests {
-    /// A join requested when the plugin was built.
-    pub(crate) fn join(session: SessionConfig, reflector: ReflectorTarget) -> Self {
-        Self { queue: vec![SessionRequest::Join(Box::new(session), reflector)] }
-    }
-}
-
 enum SessionRequest {
     Join(Box<SessionConfig>, ReflectorTarget),
     Leave,
@@ -115,10 +108,7 @@ pub(crate) fn apply_session_requests(world: &mut World) {
             SessionRequest::Leave => leave(world, "left the session".into()),
             SessionRequest::Join(session, reflector) => {
                 leave(world, "switching sessions".into());
-                if let Err(reason) = join(world, *session, reflector) {
-                    error!("bevy_synq: cannot join: {reason}");
-                    set_status(world, SynqStatus::Disconnected { reason });
-                }
+                start_session(world, *session, reflector);
             }
         }
     }
@@ -131,6 +121,15 @@ pub(crate) fn leave_on_exit(world: &mut World) {
         return;
     }
     leave(world, "the app exits".into());
+}
+
+/// Starts joining `session` on `reflector`; a session that cannot be joined (a bad name, an
+/// unusable target) leaves the app disconnected, with the reason.
+pub(crate) fn start_session(world: &mut World, session: SessionConfig, reflector: ReflectorTarget) {
+    if let Err(reason) = join(world, session, reflector) {
+        error!("bevy_synq: cannot join: {reason}");
+        set_status(world, SynqStatus::Disconnected { reason });
+    }
 }
 
 fn set_status(world: &mut World, status: SynqStatus) {
