@@ -344,7 +344,7 @@ fn main() {
     let ledgers: Vec<Ledger> = apps.iter().map(ledger).collect();
     let hashes: Vec<Option<[u8; 32]>> = apps
         .iter_mut()
-        .map(|app| app.world_mut().resource_mut::<ModelWorld>().runtime_mut().and_then(|r| r.state_hash().ok()))
+        .map(|app| app.world_mut().resource_mut::<ModelWorld>().state_hash().and_then(Result::ok))
         .collect();
     let agree = settled
         && ledgers.windows(2).all(|w| w[0] == w[1])

@@ -18,7 +18,7 @@ use synq_protocol::wire::{
 };
 use synq_protocol::{Hash32, PROTOCOL_VERSION};
 
-use crate::config::SessionConfig;
+use crate::config::{SessionConfig, ShadowCheck};
 use crate::debug::synq_debug;
 use crate::model::ModelProblem;
 use crate::model::app::{ModelPlugin, WorldSettings};
@@ -27,6 +27,7 @@ use crate::status::{DivergenceDetected, SynqProblem, SynqStatus};
 use crate::transport::{Connection, Connector};
 
 mod outbox;
+mod shadow;
 mod votes;
 
 pub use outbox::Outbox;
@@ -34,6 +35,17 @@ use outbox::SentEvents;
 
 /// This replica's model, for view systems (through [`Model`](crate::view::Model) and
 /// [`ModelQuery`](crate::view::ModelQuery)).
+///
+/// It hands out the runtime read-only: views cannot step or change the model through it. Tests
+/// and tools hash and capture the state with [`ModelWorld::state_hash`] and
+/// [`ModelWorld::capture`].
+///
+/// ```compile_fail
+/// # use bevy::prelude::*;
+/// fn view(mut model: ResMut<bevy_synq::ModelWorld>) {
+///     model.runtime_mut().unwrap().advance(1_000); // no mutable access to the model
+/// }
+/// ```
 #[derive(Resource, Default)]
 pub struct ModelWorld {
     pub(crate) runtime: Option<ModelRuntime>,
@@ -45,9 +57,17 @@ impl ModelWorld {
         self.runtime.as_ref()
     }
 
-    /// The runtime, mutably (for tests and tools: capturing, hashing).
-    pub fn runtime_mut(&mut self) -> Option<&mut ModelRuntime> {
-        self.runtime.as_mut()
+    /// The hash of the model's current state (the canonical snapshot's SHA-256), once the
+    /// session started. It only encodes the state; it changes nothing in the model (`&mut` is for
+    /// the query over the model world that the encoding runs).
+    pub fn state_hash(&mut self) -> Option<Result<Hash32, crate::snapshot::SnapshotError>> {
+        self.runtime.as_mut().map(ModelRuntime::state_hash)
+    }
+
+    /// The model's current state, encoded canonically (the plaintext of a snapshot), once the
+    /// session started. Like [`ModelWorld::state_hash`], it changes nothing in the model.
+    pub fn capture(&mut self) -> Option<Result<Vec<u8>, crate::snapshot::SnapshotError>> {
+        self.runtime.as_mut().map(ModelRuntime::capture)
     }
 }
 
@@ -162,6 +182,13 @@ pub struct SynqClient {
     last_send: Option<Instant>,
     /// The events sent and not yet seen stamped, sent again after a reconnect.
     sent: SentEvents,
+    /// The shadow replica, when [`SessionConfig::shadow`] asks for one.
+    shadow: shadow::Shadow,
+    /// How many times the app asked to reload the session's state.
+    resyncs: u32,
+    /// The last snapshot point this replica voted on before it last reloaded the session's
+    /// state: tallies of points up to it are about the state it dropped.
+    reloaded_after: Option<u64>,
 }
 
 /// How long a `Sync` may take to arrive before the client tries again.
@@ -208,6 +235,9 @@ impl SynqClient {
             last_heard: Instant::now(),
             last_send: None,
             sent: SentEvents::new(),
+            shadow: shadow::Shadow::default(),
+            resyncs: 0,
+            reloaded_after: None,
         }
     }
 
@@ -273,6 +303,50 @@ impl SynqClient {
         if matches!(self.phase, Phase::Running | Phase::AwaitingSync { .. }) {
             self.lost("reconnect requested".into());
         }
+    }
+
+    /// Reloads the session's consensus state: drops the connection and rejoins *without*
+    /// resuming, so that the reflector sends its latest snapshot — the state the largest group
+    /// of replicas voted for — and the events since; the model is replaced by the restored one.
+    ///
+    /// Use it when this replica diverged ([`DivergenceDetected::in_consensus`] is `false`):
+    /// [`SynqClient::reconnect`] would resume the diverged model. The diverged model stays in
+    /// place (views keep reading it) until the snapshot arrives; meanwhile the client is
+    /// `Connecting`, then `Syncing` until it has caught up. If this replica passed the
+    /// snapshot's point itself with another state, [`SynqProblem::ReloadedConsensus`] names the
+    /// entities and parts that differed. [`SessionConfig::resync_on_divergence`] does this
+    /// automatically.
+    pub fn resync(&mut self) {
+        if let Some(last) = self.history.last() {
+            self.reloaded_after = Some(last.time);
+        }
+        match self.phase {
+            Phase::Running | Phase::AwaitingSync { .. } => {
+                self.resync = true;
+                self.resyncs += 1;
+                self.lost("resync requested: reloading the session's state".into());
+                // Not seamless: the model is replaced, so the view goes through the states again.
+                self.synced = false;
+                self.status = SynqStatus::Connecting;
+            }
+            Phase::Reconnecting { .. } => {
+                self.resync = true;
+                self.resyncs += 1;
+            }
+            // No model yet (its first state comes from the reflector anyway), or no session.
+            Phase::DerivingKey(_) | Phase::Connecting | Phase::Failed => {}
+        }
+    }
+
+    /// Whether the session key is derived (the client connects once it is).
+    #[cfg(feature = "testing")]
+    pub(crate) fn key_ready(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// How many times this client reloaded the session's state ([`SynqClient::resync`]).
+    pub fn resyncs(&self) -> u32 {
+        self.resyncs
     }
 
     /// Where this client's reflector is, e.g. `the reflector at udp://127.0.0.1:5800`.
@@ -577,6 +651,7 @@ impl SynqClient {
             }
             SyncStart::Snapshot(record) => {
                 let bytes = self.open_snapshot(record)?;
+                self.report_reload(record.time, record.seq, &record.vote, &bytes);
                 info!(
                     "bevy_synq: session {} resumes from the snapshot at {} ms ({} bytes), {} events to replay",
                     self.ids.session,
@@ -632,6 +707,7 @@ impl SynqClient {
         self.retry_delay_ms = 0;
         self.resync = false;
         self.catch_up_from = runtime.now_ms();
+        self.shadow.reset();
         model.runtime = Some(runtime);
         self.resend_after_sync(model, sync);
         self.pending = sync.events.iter().cloned().collect();
@@ -682,10 +758,21 @@ impl SynqClient {
 
     /// Executes what the reflector sent: everything when synced, a bounded slice when catching up.
     pub(crate) fn simulate(&mut self, model: &mut ModelWorld) {
+        if self.config.resync_on_divergence && self.diverged_from_consensus() {
+            warn!("bevy_synq: view {} holds another state than the consensus; reloading it", self.ids.view);
+            self.resync();
+        }
         if !matches!(self.phase, Phase::Running) {
             return;
         }
         let Some(runtime) = model.runtime.as_mut() else { return };
+        // The shadow replica (a test mode) makes last frame's calls, then records this frame's.
+        let shadowing = self.config.shadow != ShadowCheck::Off;
+        if shadowing {
+            self.shadow_catch_up();
+            // Points passed outside this function: a fresh start's first point.
+            self.shadow_record(runtime, shadow::Call::Nothing);
+        }
         let started = Instant::now();
         let (max_messages, max_time) = self.config.catch_up.effective();
         let mut executed = 0usize;
@@ -700,7 +787,12 @@ impl SynqClient {
                 if synq_protocol::seq_le(external.seq, runtime.last_seq()) && runtime.now_ms() >= external.time {
                     Ok(())
                 } else {
-                    runtime.execute(external)
+                    let copy = shadowing.then(|| external.clone());
+                    let outcome = runtime.execute(external);
+                    if let (Ok(()), Some(copy)) = (&outcome, copy) {
+                        self.shadow_record(runtime, shadow::Call::Execute(copy));
+                    }
+                    outcome
                 };
             match outcome {
                 Ok(()) => {}
@@ -726,12 +818,14 @@ impl SynqClient {
         if failure.is_none() && self.pending.is_empty() {
             if self.synced {
                 runtime.advance_to(self.target_time);
+                self.shadow_record(runtime, shadow::Call::Advance(self.target_time));
             } else {
                 // Fast-forward through quiet time in slices too.
                 let step = u64::from(self.config.step_ms).max(1);
                 while runtime.now_ms() < self.target_time && started.elapsed() < max_time {
                     let next = (runtime.now_ms() + step * 64).min(self.target_time);
                     runtime.advance_to(next);
+                    self.shadow_record(runtime, shadow::Call::Advance(next));
                 }
             }
         }
@@ -757,6 +851,7 @@ impl SynqClient {
     fn after_simulation(&mut self, model: &mut ModelWorld) {
         let Some(runtime) = model.runtime.as_mut() else { return };
         let points = std::mem::take(&mut runtime.points);
+        self.shadow.points_drained();
         let problems = std::mem::take(&mut runtime.problems);
         for request in std::mem::take(&mut runtime.persist_requests) {
             synq_debug!(
@@ -818,10 +913,34 @@ impl SynqClient {
                     "bevy_synq: model entities carry unregistered components {names:?}: they are not in the snapshot \
                      and vanish at every snapshot point; register them with ModelApp::register_component"
                 ),
+                ModelProblem::UnregisteredResources(names) => error!(
+                    "bevy_synq: the model world holds unregistered resources {names:?}: they are not in the \
+                     snapshot, so at every snapshot point one inserted after ModelPlugin::build vanishes and one \
+                     changed since is reset; register them with ModelApp::init_resource / insert_resource / \
+                     register_resource"
+                ),
+                ModelProblem::ModelComponentsOnInternalEntities(names) => error!(
+                    "bevy_synq: registered components were inserted into the model's internal entities \
+                     (resources, observers, systems): {names:?}; they are not model entities and are dropped at the \
+                     next snapshot point. Spawn a model entity instead"
+                ),
                 other => warn!("bevy_synq: {other:?}"),
             }
             self.problems.push(SynqProblem::Model(problem));
         }
+    }
+}
+
+impl SynqClient {
+    /// Whether a divergence reported this frame puts this replica outside the consensus (it
+    /// voted, and not with the largest group).
+    fn diverged_from_consensus(&self) -> bool {
+        self.divergences.iter().any(|d| {
+            !d.in_consensus
+                && d.groups.iter().skip(1).any(|group| group.contains(&self.ids.view))
+                // A late tally about the state this replica already dropped.
+                && self.reloaded_after.is_none_or(|after| d.time > after)
+        })
     }
 }
 

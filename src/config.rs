@@ -50,6 +50,16 @@ pub struct SessionConfig {
     pub model_sources: Vec<(String, String)>,
     /// Forces the code hash (debugging only: join a session of other code on purpose).
     pub code_hash_override: Option<synq_protocol::CodeHash>,
+    /// A test mode: run a second copy of the model beside this replica's and compare the two at
+    /// snapshot points, so that hidden state is caught with a single client (see
+    /// [`ShadowCheck`]). Off by default; not part of the session's identity.
+    pub shadow: ShadowCheck,
+    /// When the replicas' votes show that this replica's state differs from the consensus
+    /// ([`DivergenceDetected::in_consensus`](crate::DivergenceDetected::in_consensus) is `false`),
+    /// reload the consensus state at once, as [`SynqClient::resync`](crate::SynqClient::resync)
+    /// does. Off by default: the divergence is reported and the replica keeps running its own
+    /// state until the app resyncs it.
+    pub resync_on_divergence: bool,
 }
 
 impl SessionConfig {
@@ -72,6 +82,8 @@ impl SessionConfig {
             view_id: None,
             model_sources: Vec::new(),
             code_hash_override: None,
+            shadow: ShadowCheck::Off,
+            resync_on_divergence: false,
         }
     }
 
@@ -79,6 +91,72 @@ impl SessionConfig {
     pub fn with_model_source(mut self, name: impl Into<String>, text: impl Into<String>) -> Self {
         self.model_sources.push((name.into(), text.into()));
         self
+    }
+
+    /// Turns the shadow replica on (a test mode, see [`ShadowCheck`]).
+    pub fn with_shadow(mut self, shadow: ShadowCheck) -> Self {
+        self.shadow = shadow;
+        self
+    }
+}
+
+/// The shadow replica, a test mode in the spirit of GGRS's `SyncTestSession`: it finds model
+/// state that is not a function of the snapshot and the messages — hidden state — with a single
+/// client, in a unit test or a single-player run.
+///
+/// At a snapshot point the client restores a second copy of the model (the *shadow*) from that
+/// point's snapshot bytes, with a fresh [`ModelRuntime`](crate::ModelRuntime) built by the same
+/// [`ModelPlugin`](crate::ModelPlugin), feeds it exactly the external messages the real replica
+/// executes afterwards — one frame later — and compares the two state hashes at the next snapshot
+/// point. When they differ, it reports [`SynqProblem::ShadowMismatch`](crate::SynqProblem::ShadowMismatch)
+/// naming the parts of the state that differ (components, resources, entity ids, the runtime's
+/// own state), and logs an error.
+///
+/// What it catches: state that the model reads from outside its world and that changes between
+/// the two runs — a `static` or a `thread_local` the model writes (both copies advance it), an
+/// `Arc` captured by the model plugin (both copies share it), the wall clock (the shadow runs a
+/// frame later), `std` `HashMap`/`HashSet` iteration order (every map gets its own random seed),
+/// `rand`'s thread RNG, and state a view system changes between frames. What it cannot catch:
+/// hidden state that reads the same for both copies — a value set once at startup, a platform
+/// difference (`f32::sin` on another CPU or OS, another build of the code), a config file or an
+/// environment variable that differs between machines — and anything before the first snapshot
+/// point (`ModelInit`). State *inside* the model world that the snapshot does not carry (an
+/// unregistered component, a `Local`) is not hidden state here: every replica, this one included,
+/// rebuilds its world from the snapshot at each point, so it resets alike everywhere (and
+/// unregistered components are reported as [`ModelProblem`](crate::ModelProblem)s).
+///
+/// The shadow doubles the model's cost while it runs and restores a world at each point it
+/// starts from: use it in tests and debug builds.
+///
+/// ```
+/// use bevy_synq::ShadowCheck;
+/// use bevy_synq::prelude::*;
+///
+/// let session = SessionConfig::new("io.example.game", "test", "secret").with_shadow(ShadowCheck::EveryPoint);
+/// assert_eq!(session.shadow, ShadowCheck::EveryPoint);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ShadowCheck {
+    /// No shadow (the default).
+    #[default]
+    Off,
+    /// Check every interval between two snapshot points: a shadow starts at every point and is
+    /// compared at the next one.
+    EveryPoint,
+    /// Check one interval in `n`: a shadow starts at every `n`th snapshot point (the first one
+    /// included) and is compared at the next point, so the model's cost grows by about `1/n`.
+    /// `EveryNthPoint(0)` and `EveryNthPoint(1)` are `EveryPoint`.
+    EveryNthPoint(u32),
+}
+
+impl ShadowCheck {
+    /// Whether a shadow starts at the `count`th snapshot point (counted from 1).
+    pub(crate) fn starts_at(self, count: u64) -> bool {
+        match self {
+            ShadowCheck::Off => false,
+            ShadowCheck::EveryPoint => true,
+            ShadowCheck::EveryNthPoint(n) => (count.saturating_sub(1)).is_multiple_of(u64::from(n.max(1))),
+        }
     }
 }
 

@@ -88,6 +88,9 @@ struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/persistence.md")]
 struct PersistenceGuideDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/debugging-desyncs.md")]
+struct DebuggingGuideDoctests;
 
 mod client;
 mod config;
@@ -98,18 +101,23 @@ mod plugin;
 mod session;
 pub mod snapshot;
 mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transport;
 pub mod view;
 
 pub use client::{HashRecord, ModelWorld, Outbox, SessionIds, StartKind, SynqClient};
-pub use config::{CatchUpBudget, SessionConfig};
+pub use config::{CatchUpBudget, SessionConfig, ShadowCheck};
 pub use debug::DebugFlags;
 pub use model::*;
 pub use plugin::{ReflectorTarget, SynqPlugin, SynqSystems, model_code_hash, session_ids};
 #[cfg(feature = "embedded")]
 pub use session::EmbeddedReflectorHandle;
 pub use session::SynqSession;
-pub use status::{DivergenceDetected, SynqConnection, SynqProblem, SynqState, SynqStatus, is_synced};
+pub use status::{
+    DivergenceDetected, EntityDifference, MAX_ENTITY_DIFFERENCES, ReloadReport, ShadowMismatch, SynqConnection,
+    SynqProblem, SynqState, SynqStatus, is_synced,
+};
 
 /// The protocol crate (ids, crypto, wire messages), re-exported.
 pub use synq_protocol as protocol;
@@ -124,7 +132,9 @@ pub mod prelude {
         FromView, Migrations, ModelApp, ModelEntities, ModelId, ModelInit, ModelPlugin, ModelRng, ModelTime,
         ModelTimers, ModelUpdate, ModelViews, PersistSession, Persisted, TimerId, ToView, ViewExited, ViewJoined,
     };
-    pub use crate::view::{Model, ModelQuery, Publish};
+    pub use crate::view::{
+        Model, ModelChangesPlugin, ModelEntityChanged, ModelEntityDespawned, ModelEntitySpawned, ModelQuery, Publish,
+    };
     pub use crate::{
         DivergenceDetected, ReflectorTarget, SessionConfig, SynqConnection, SynqPlugin, SynqProblem, SynqSession,
         SynqState, SynqStatus, SynqSystems, is_synced,

@@ -3,6 +3,7 @@
 pub(crate) mod app;
 pub(crate) mod events;
 pub(crate) mod ids;
+pub(crate) mod lint;
 pub(crate) mod persist;
 pub(crate) mod registry;
 pub(crate) mod rng;

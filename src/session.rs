@@ -66,6 +66,34 @@ impl SynqSession<'_> {
         self.requests.queue.push(SessionRequest::Leave);
     }
 
+    /// Reloads the session's consensus state (nothing happens when not in a session): the
+    /// client rejoins without resuming its model, restores the reflector's latest snapshot — the
+    /// state the largest group of replicas voted for — and catches up. For a replica that
+    /// diverged ([`DivergenceDetected::in_consensus`](crate::DivergenceDetected::in_consensus) is
+    /// `false`); see [`SynqClient::resync`].
+    ///
+    /// ```
+    /// use bevy::prelude::*;
+    /// use bevy_synq::prelude::*;
+    ///
+    /// /// Reload when this replica is outside the consensus.
+    /// fn reload_when_diverged(mut divergences: MessageReader<DivergenceDetected>, mut session: SynqSession) {
+    ///     if divergences.read().any(|d| !d.in_consensus) {
+    ///         session.resync();
+    ///     }
+    /// }
+    ///
+    /// # fn model(_: &mut ModelApp) {}
+    /// App::new()
+    ///     .add_plugins(MinimalPlugins)
+    ///     .add_plugins(SynqPlugin::idle(model))
+    ///     .add_systems(Update, reload_when_diverged)
+    ///     .update();
+    /// ```
+    pub fn resync(&mut self) {
+        self.requests.queue.push(SessionRequest::Resync);
+    }
+
     /// The connection state as of this frame (see [`SynqState`]).
     pub fn state(&self) -> SynqState {
         SynqState::from(&*self.status)
@@ -86,6 +114,7 @@ pub(crate) struct SessionRequests {
 enum SessionRequest {
     Join(Box<SessionConfig>, ReflectorTarget),
     Leave,
+    Resync,
 }
 
 /// The model every session of this app runs, and what it registers (for the session ids).
@@ -106,6 +135,11 @@ pub(crate) fn apply_session_requests(world: &mut World) {
     for request in requests {
         match request {
             SessionRequest::Leave => leave(world, "left the session".into()),
+            SessionRequest::Resync => {
+                if let Some(mut client) = world.get_resource_mut::<SynqClient>() {
+                    client.resync();
+                }
+            }
             SessionRequest::Join(session, reflector) => {
                 leave(world, "switching sessions".into());
                 start_session(world, *session, reflector);

@@ -130,6 +130,77 @@ pub enum SynqProblem {
     /// The reflector lost part of the session's stored history (damaged storage); the session
     /// continues from what it kept.
     DataLost(String),
+    /// The shadow replica (a test mode, [`ShadowCheck`](crate::ShadowCheck)) computed another
+    /// state than this replica from the same snapshot and the same messages: the model reads
+    /// hidden state. Found by this replica alone, without any other client; unlike a
+    /// [`DivergenceDetected`], no other replica is involved.
+    ShadowMismatch(ShadowMismatch),
+    /// This replica held another state than the consensus at a snapshot point and reloaded the
+    /// consensus snapshot of that point ([`SynqClient::resync`](crate::SynqClient::resync), or
+    /// [`SessionConfig::resync_on_divergence`](crate::SessionConfig::resync_on_divergence)); before
+    /// replacing its state it compared the two, entity by entity.
+    ReloadedConsensus(ReloadReport),
+}
+
+/// What the shadow replica found: from the snapshot of one point and the same messages, it
+/// reached another state than this replica at the next point (see
+/// [`ShadowCheck`](crate::ShadowCheck) and `docs/debugging-desyncs.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowMismatch {
+    /// Model time of the snapshot point at which the two copies differ.
+    pub time: u64,
+    /// The last external sequence number before it.
+    pub seq: u32,
+    /// Model time of the snapshot point the shadow was restored from.
+    pub since: u64,
+    /// The parts of the model state that differ, named as in
+    /// [`DivergenceDetected::differing`], e.g. `component my_game::Position`; `snapshot point`
+    /// when one copy passed a snapshot point that the other did not.
+    pub differing: Vec<String>,
+    /// The model entities that differ (at most [`MAX_ENTITY_DIFFERENCES`]), this replica being
+    /// "here" and the shadow "there".
+    pub entities: Vec<EntityDifference>,
+}
+
+/// What differed between this replica's state and the consensus snapshot it reloaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Model time of the snapshot point.
+    pub time: u64,
+    /// The last external sequence number before it.
+    pub seq: u32,
+    /// The parts of the model state that differ, named as in [`DivergenceDetected::differing`].
+    pub differing: Vec<String>,
+    /// The model entities that differ (at most [`MAX_ENTITY_DIFFERENCES`]), this replica being
+    /// "here" and the consensus "there".
+    pub entities: Vec<EntityDifference>,
+}
+
+/// At most this many entities are named in a report of two states that differ.
+pub const MAX_ENTITY_DIFFERENCES: usize = 64;
+
+/// One model entity, by its [`ModelId`](crate::ModelId), that differs between two copies of a
+/// model state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntityDifference {
+    /// The entity exists in this replica's state only.
+    OnlyHere(crate::ModelId),
+    /// The entity exists in the other state only (the consensus, or the shadow).
+    OnlyThere(crate::ModelId),
+    /// The entity exists in both; these registered components differ (in value, or present in
+    /// one state only), e.g. `my_game::Position`.
+    Components(crate::ModelId, Vec<String>),
+}
+
+impl EntityDifference {
+    /// The entity's id.
+    pub fn id(&self) -> crate::ModelId {
+        match self {
+            EntityDifference::OnlyHere(id) | EntityDifference::OnlyThere(id) | EntityDifference::Components(id, _) => {
+                *id
+            }
+        }
+    }
 }
 
 /// A run condition: the session is synced.

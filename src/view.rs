@@ -4,6 +4,15 @@
 //! [`ModelQuery`], which only ever hand out shared references (`ReadOnlyQueryData`): a view
 //! cannot change the model — the compiler refuses it. Views influence the model only by
 //! publishing events with [`Publish`], which travel through the reflector to every replica.
+//!
+//! To learn which model entities appeared, went away or changed since the last frame, add
+//! [`ModelChangesPlugin`] and read its messages ([`changes`]).
+
+pub mod changes;
+
+pub use changes::{
+    ModelChangesPlugin, ModelChangesSystems, ModelEntityChanged, ModelEntityDespawned, ModelEntitySpawned,
+};
 
 use bevy::ecs::query::{QueryData, QueryFilter, QueryState, ReadOnlyQueryData};
 use bevy::ecs::system::{Deferred, SystemBuffer, SystemMeta, SystemParam};
@@ -51,6 +60,11 @@ impl Model<'_> {
         self.world()?.get::<T>(entity)
     }
 
+    /// A component of the model entity with this id.
+    pub fn get_by_id<T: Component>(&self, id: ModelId) -> Option<&T> {
+        self.get::<T>(self.entity(id)?)
+    }
+
     /// The current `Entity` of a model entity (they change at snapshot points; ids do not).
     pub fn entity(&self, id: ModelId) -> Option<Entity> {
         self.resource::<ModelEntities>()?.get(id)
@@ -96,7 +110,15 @@ impl<D: QueryData + 'static, F: QueryFilter + 'static> Default for ModelQueryCac
 /// ```
 ///
 /// Call [`ModelQuery::try_query`] for a Bevy `Query` with all its methods, or use the shortcuts.
-/// Model entities are renumbered at snapshot points; identify them across frames by [`ModelId`].
+/// Model entities are renumbered at snapshot points; identify them across frames by [`ModelId`]
+/// ([`ModelQuery::get_by_id`]).
+///
+/// **Change detection does not work here.** The model world is rebuilt at every snapshot point
+/// (which resets its change ticks) and a `ModelQuery` keeps no tick of the frames it saw, so
+/// `Changed<T>`, `Added<T>` and `Ref::is_changed` do not tell what changed since the view's last
+/// frame (they match everything, or at least far too much). Use the change feed instead:
+/// [`ModelChangesPlugin`] and its [`ModelEntityChanged`], [`ModelEntitySpawned`] and
+/// [`ModelEntityDespawned`] messages.
 ///
 /// ```
 /// # use bevy::prelude::*;
@@ -137,6 +159,12 @@ impl<D: ReadOnlyQueryData + 'static, F: QueryFilter + 'static> ModelQuery<'_, '_
     /// The item of one model entity, if it matches.
     pub fn get(&mut self, entity: Entity) -> Option<D::Item<'_, '_>> {
         self.try_query()?.get_inner(entity).ok()
+    }
+
+    /// The item of the model entity with this id, if it exists and matches.
+    pub fn get_by_id(&mut self, id: ModelId) -> Option<D::Item<'_, '_>> {
+        let entity = self.model.runtime.as_ref()?.world().get_resource::<ModelEntities>()?.get(id)?;
+        self.get(entity)
     }
 
     /// The only matching item, if there is exactly one.

@@ -41,7 +41,7 @@ fn the_reflector_stores_only_ciphertext() {
     let session_id = h.client(0).ids().session;
     let snapshot = h.reflector.core().snapshot(&session_id).expect("a snapshot was uploaded");
     // The plaintext snapshot starts with the format magic; the stored one must not contain it.
-    let plain = h.apps[0].world_mut().resource_mut::<bevy_synq::ModelWorld>().runtime_mut().unwrap().capture().unwrap();
+    let plain = h.apps[0].world_mut().resource_mut::<bevy_synq::ModelWorld>().capture().unwrap().unwrap();
     assert_eq!(&plain[..8], b"SYNQSNAP");
     assert!(!snapshot.data.ciphertext.windows(8).any(|w| w == b"SYNQSNAP"), "snapshot stored in plaintext");
 }

@@ -18,7 +18,7 @@ fn a_snapshot_that_does_not_match_its_vote_is_refused_by_joiners() {
     let mut source = Harness::new(test_session("elsewhere"), Box::new(|| Box::new(adversarial::model)));
     source.add_client(with_bot(1));
     source.run_rounds(20, 100);
-    let other_state = source.apps[0].world_mut().resource_mut::<ModelWorld>().runtime_mut().unwrap().capture().unwrap();
+    let other_state = source.apps[0].world_mut().resource_mut::<ModelWorld>().capture().unwrap().unwrap();
 
     // The victim session: a malicious member creates it, votes alone, is elected, uploads it.
     let mut h = Harness::new(test_session("victim"), Box::new(|| Box::new(adversarial::model)));

@@ -324,8 +324,8 @@ pub fn run_headless(session: SessionConfig, bots: usize, seconds: u64, leaver: b
         let hash = app
             .world_mut()
             .resource_mut::<ModelWorld>()
-            .runtime_mut()
-            .and_then(|runtime| runtime.state_hash().ok())
+            .state_hash()
+            .and_then(Result::ok)
             .map_or_else(|| "none".to_string(), |h| hex(&h));
         println!("client {view} time {time} hash {hash}");
         hashes.push((time, hash));

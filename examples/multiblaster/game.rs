@@ -13,6 +13,8 @@
 //! What the view keeps per session — the smoothed positions, keyed by the model's stable ids, and
 //! the labels — is cleared when the game screen is left and whenever the client ends up outside a
 //! session, so a new session never inherits positions or labels of ids that now mean other things.
+//! Within a session the change feed ([`ModelChangesPlugin`]) says when a model entity appears or
+//! goes away: labels are spawned and despawned, and smoothed positions dropped, from it.
 
 use bevy::color::palettes::css::{GOLD, GRAY, ORANGE, SKY_BLUE};
 use bevy::platform::collections::HashMap;
@@ -31,6 +33,9 @@ pub struct GamePlugin {
 
 impl Plugin for GamePlugin {
     fn build(&self, app: &mut App) {
+        if !app.is_plugin_added::<ModelChangesPlugin>() {
+            app.add_plugins(ModelChangesPlugin);
+        }
         app.insert_resource(Initials { wanted: self.initials.clone(), ..default() })
             .init_resource::<Smoothed>()
             .add_systems(OnEnter(Screen::Game), start_game)
@@ -246,9 +251,10 @@ fn send_initials(
 }
 
 /// 30 % of the way to the model each frame; snap on wrap-around or respawn (≥ 50 px) and on big
-/// turns (≥ 1 rad).
+/// turns (≥ 1 rad). What went away is forgotten.
 fn smooth(
     mut smoothed: ResMut<Smoothed>,
+    mut despawned: MessageReader<ModelEntityDespawned>,
     mut ships: ModelQuery<(&ModelId, &Ship)>,
     mut asteroids: ModelQuery<(&ModelId, &Asteroid)>,
     mut blasts: ModelQuery<(&ModelId, &Blast)>,
@@ -257,7 +263,9 @@ fn smooth(
     targets.extend(ships.iter().map(|(id, s)| (*id, Vec3::new(s.x, s.y, s.a))));
     targets.extend(asteroids.iter().map(|(id, a)| (*id, Vec3::new(a.x, a.y, a.a))));
     targets.extend(blasts.iter().map(|(id, b)| (*id, Vec3::new(b.x, b.y, 0.0))));
-    let mut next = HashMap::default();
+    for ModelEntityDespawned(id) in despawned.read() {
+        smoothed.0.remove(id);
+    }
     for (id, target) in targets {
         let value = match smoothed.0.get(&id) {
             Some(old) => {
@@ -266,9 +274,8 @@ fn smooth(
             }
             None => target,
         };
-        next.insert(id, value);
+        smoothed.0.insert(id, value);
     }
-    smoothed.0 = next;
 }
 
 /// Draws `points` (model-local, relative to (x, y), rotated by `a`) as a closed or open polyline,
@@ -381,37 +388,42 @@ fn draw(
     }
 }
 
-/// A score label next to each ship, as in the tutorial.
+/// The text of a ship's label.
+fn label_text(ship: &Ship) -> String {
+    if ship.initials.is_empty() { ship.score.to_string() } else { format!("{} {}", ship.initials, ship.score) }
+}
+
+/// A score label next to each ship, as in the tutorial: spawned when the ship appears, despawned
+/// when it goes away (the change feed), kept current every frame.
 fn labels(
     mut commands: Commands,
     smoothed: Res<Smoothed>,
-    mut ships: ModelQuery<(&ModelId, &Ship)>,
+    mut ships: ModelQuery<&Ship>,
+    mut spawned: MessageReader<ModelEntitySpawned>,
+    mut despawned: MessageReader<ModelEntityDespawned>,
     mut existing: Query<(Entity, &Label, &mut Text2d, &mut Transform)>,
 ) {
-    let current: HashMap<ModelId, String> = ships
-        .iter()
-        .map(|(id, s)| {
-            (*id, if s.initials.is_empty() { s.score.to_string() } else { format!("{} {}", s.initials, s.score) })
-        })
-        .collect();
-    let mut seen = Vec::new();
+    let gone: Vec<ModelId> = despawned.read().map(|message| message.0).collect();
     for (entity, label, mut text, mut transform) in &mut existing {
-        match (current.get(&label.0), smoothed.0.get(&label.0)) {
-            (Some(wanted), Some(at)) => {
-                if text.0 != *wanted {
-                    text.0 = wanted.clone();
-                }
-                transform.translation = (to_screen(at.x, at.y) + Vec2::new(26.0, 18.0)).extend(5.0);
-                seen.push(label.0);
+        if gone.contains(&label.0) {
+            commands.entity(entity).despawn();
+            continue;
+        }
+        if let Some(ship) = ships.get_by_id(label.0) {
+            let wanted = label_text(ship);
+            if text.0 != wanted {
+                text.0 = wanted;
             }
-            _ => commands.entity(entity).despawn(),
+        }
+        if let Some(at) = smoothed.0.get(&label.0) {
+            transform.translation = (to_screen(at.x, at.y) + Vec2::new(26.0, 18.0)).extend(5.0);
         }
     }
-    for (id, label) in current {
-        if !seen.contains(&id) {
+    for ModelEntitySpawned(id) in spawned.read() {
+        if let Some(ship) = ships.get_by_id(*id) {
             commands.spawn((
-                Label(id),
-                Text2d::new(label),
+                Label(*id),
+                Text2d::new(label_text(ship)),
                 TextFont { font_size: FontSize::Px(16.0), ..default() },
                 TextColor(Color::WHITE),
                 Transform::from_xyz(-10_000.0, 0.0, 5.0),

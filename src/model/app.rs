@@ -1,14 +1,15 @@
 //! Describing a model: [`ModelPlugin`] and [`ModelApp`].
 
-use bevy::ecs::observer::IntoObserver;
+use bevy::ecs::error::FallbackErrorHandler;
 use bevy::ecs::schedule::{IntoScheduleConfigs, ScheduleLabel, SingleThreadedExecutor};
-use bevy::ecs::system::ScheduleSystem;
+use bevy::ecs::system::{IntoObserverSystem, ScheduleSystem};
 use bevy::prelude::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::events::{ViewMessageIndex, ViewOutbox};
 use super::ids::{ModelEntities, ModelId, ModelIdAllocator};
+use super::lint::{self, Lints};
 use super::persist::{Migrations, PersistOutbox, PersistState, PersistVersion, Persisted};
 use super::registry::ModelRegistry;
 use super::registry::PersistenceEntry;
@@ -64,6 +65,7 @@ impl<F: Fn(&mut ModelApp) + Send + Sync + 'static> ModelPlugin for F {
 pub struct ModelApp {
     pub(crate) world: World,
     pub(crate) registry: ModelRegistry,
+    pub(crate) lints: Lints,
 }
 
 /// Settings of the model world that every replica must share.
@@ -77,6 +79,8 @@ impl ModelApp {
     /// A model world with bevy_synq's own resources, before the app's registrations.
     pub(crate) fn new(settings: WorldSettings) -> Self {
         let mut world = World::new();
+        // Before anything of the model exists: internal entities stay out of model queries.
+        crate::snapshot::prepare_model_world(&mut world);
         // Fixed order: in Bevy 0.19 resources are entities, and their order is part of the
         // world's structure.
         world.insert_resource(ModelTime { now_ms: 0, step_ms: settings.step_ms, steps: 0 });
@@ -89,21 +93,32 @@ impl ModelApp {
         world.insert_resource(ViewOutbox::default());
         world.insert_resource(PersistState::default());
         world.insert_resource(PersistOutbox::default());
+        // A system parameter that fails validation says what the model world holds.
+        world.insert_resource(FallbackErrorHandler(lint::model_error_handler));
         world.register_component::<ModelId>();
         for label in [ModelInit.intern(), ModelUpdate.intern()] {
             let mut schedule = Schedule::new(label);
             schedule.set_executor(SingleThreadedExecutor::new());
             world.add_schedule(schedule);
         }
-        Self { world, registry: ModelRegistry::default() }
+        Self { world, registry: ModelRegistry::default(), lints: Lints::default() }
     }
 
-    /// Runs the plugin and indexes what it registered.
+    /// Runs the plugin, indexes what it registered, and checks and builds the model schedules.
+    ///
+    /// # Panics
+    ///
+    /// If a model system or observer reads a resource that is neither registered nor inserted by
+    /// the plugin (`Res<Time>`, a resource inserted unregistered in `ModelInit`), or if two model
+    /// systems have conflicting access and no order (see [`ModelApp::allow_ambiguities`]). The
+    /// message names the systems and the fix. `SynqPlugin` builds the model when it is added to
+    /// the app, so these errors show at startup, before any session.
     pub(crate) fn build(settings: WorldSettings, plugin: &dyn ModelPlugin) -> Self {
         let mut app = Self::new(settings);
         plugin.build(&mut app);
         app.world.init_resource::<ViewMessageIndex>();
         app.world.init_resource::<TimerIndex>();
+        lint::check_build(&mut app.world, &app.registry, &app.lints);
         app
     }
 
@@ -203,37 +218,81 @@ impl ModelApp {
     }
 
     /// Adds systems to a model schedule ([`ModelInit`] or [`ModelUpdate`]). They run on the
-    /// single-threaded executor, in an order that is the same on every replica; order systems
-    /// whose commands interact with `.chain()` or `.after()`.
+    /// single-threaded executor, in an order that is the same on every replica.
+    ///
+    /// Systems whose data access conflicts (one writes what the other reads or writes) must be
+    /// ordered with `.chain()`, `.before()` or `.after()`: the model schedules are built with
+    /// Bevy's ambiguity detection at error level, and building the model panics naming the two
+    /// systems. Opt out per pair with `.ambiguous_with(other)`, per system with
+    /// `.ambiguous_with_all()`, or for the whole model with [`ModelApp::allow_ambiguities`].
+    /// Systems that interact only through `Commands` have no conflicting access, so Bevy cannot
+    /// see them: order those too.
+    ///
+    /// A system that keeps state in a `Local` is warned about (once): `Local`s are not part of the
+    /// snapshot and restart from their default at every snapshot point. Keep such state in a
+    /// registered resource or component.
     pub fn add_systems<M>(
         &mut self,
         schedule: impl ScheduleLabel,
         systems: impl IntoScheduleConfigs<ScheduleSystem, M>,
     ) -> &mut Self {
         let mut schedules = self.world.resource_mut::<Schedules>();
-        match schedules.get_mut(schedule.intern()) {
-            Some(existing) => {
-                existing.add_systems(systems);
-            }
-            None => {
-                let mut new = Schedule::new(schedule);
-                new.set_executor(SingleThreadedExecutor::new());
-                new.add_systems(systems);
-                schedules.insert(new);
-            }
+        let label = schedule.intern();
+        if !schedules.contains(label) {
+            let mut new = Schedule::new(label);
+            new.set_executor(SingleThreadedExecutor::new());
+            schedules.insert(new);
         }
+        let existing = schedules.get_mut(label).expect("inserted above");
+        let before: Vec<_> = existing.graph().systems.iter().map(|(key, _, _)| key).collect();
+        existing.add_systems(systems);
+        let added: Vec<String> = existing
+            .graph()
+            .systems
+            .iter()
+            .filter(|(key, _, _)| !before.contains(key))
+            .map(|(_, system, _)| system.name().to_string())
+            .collect();
+        self.lints.note_locals("system", std::any::type_name::<M>(), &added);
         self
     }
 
     /// Adds an observer to the model world: the way to handle view events
     /// ([`FromView<T>`](crate::FromView)), [`ViewJoined`](crate::ViewJoined) /
     /// [`ViewExited`](crate::ViewExited), timers and model → model events.
-    pub fn add_observer<M>(&mut self, observer: impl IntoObserver<M>) -> &mut Self {
-        self.world.add_observer(observer);
+    ///
+    /// Its resource accesses are checked when the model is built, like those of systems, and a
+    /// `Local` in it is warned about (see [`ModelApp::add_systems`]).
+    pub fn add_observer<E: Event, B: Bundle, M>(&mut self, observer: impl IntoObserverSystem<E, B, M>) -> &mut Self {
+        let mut system = IntoObserverSystem::into_system(observer);
+        let name = system.name().to_string();
+        self.lints.note_locals("observer", std::any::type_name::<M>(), std::slice::from_ref(&name));
+        // Initialising it here (the observer does it again when it is added, keeping its state)
+        // tells which resources it reads and writes.
+        let access = system.initialize(&mut self.world);
+        self.lints.note_observer(name, access);
+        self.world.add_observer(Observer::new(system));
+        self
+    }
+
+    /// Turns off the ambiguity check of the model schedules (see [`ModelApp::add_systems`]):
+    /// unordered model systems with conflicting access then run in the order the schedule
+    /// happens to be built in — the same on every replica running the same code, but one that
+    /// changes when systems are added or removed. Prefer ordering them, or `.ambiguous_with`
+    /// for pairs whose order does not matter.
+    pub fn allow_ambiguities(&mut self) -> &mut Self {
+        self.lints.allow_ambiguities = true;
         self
     }
 
     /// The model world under construction, for setup the builder does not cover.
+    ///
+    /// What is inserted here is not registered: a resource inserted here is not part of the
+    /// snapshot, and every rebuild inserts it again with its `build` value. That is fine for
+    /// constants; a model system that changes one is warned about, and the change reported as
+    /// [`ModelProblem::UnregisteredResources`](crate::ModelProblem::UnregisteredResources) at the
+    /// next snapshot point. Model state belongs in [`ModelApp::insert_resource`] or
+    /// [`ModelApp::init_resource`].
     pub fn world_mut(&mut self) -> &mut World {
         &mut self.world
     }

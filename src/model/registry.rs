@@ -4,11 +4,15 @@
 //! at compile time, and what lets the runtime decode view events and timers. Its order is fixed by
 //! the app's [`ModelPlugin`](crate::ModelPlugin) and is part of the model code hash.
 
-use bevy::ecs::world::{EntityRef, EntityWorldMut};
+use bevy::ecs::component::ComponentId;
+use bevy::ecs::world::EntityRef;
 use bevy::prelude::*;
+use bevy::ptr::Ptr;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::alloc::Layout;
 use std::any::{Any, TypeId, type_name};
+use std::ptr::NonNull;
 use synq_protocol::ViewId;
 
 use super::events::FromView;
@@ -21,8 +25,77 @@ pub(crate) struct ComponentEntry {
     pub type_id: TypeId,
     /// Appends the component's encoding if the entity has it; returns whether it did.
     pub encode: fn(&EntityRef, &mut Vec<u8>) -> Result<bool, postcard::Error>,
-    /// Decodes one value from the front of the bytes and inserts it.
-    pub insert: for<'a> fn(&'a [u8], &mut EntityWorldMut) -> DecodeResult<'a>,
+    /// The type's memory layout: where the rebuild decodes a value before it moves whole rows.
+    pub layout: Layout,
+    /// Registers the type in a world (a no-op if it is) and returns its id there.
+    pub register: fn(&mut World) -> ComponentId,
+    /// Appends the encoding of the value behind the pointer.
+    ///
+    /// # Safety
+    /// The pointer must point to a value of this entry's type.
+    pub encode_ptr: unsafe fn(Ptr<'_>, &mut Vec<u8>) -> Result<(), postcard::Error>,
+    /// Decodes one value from the front of the bytes (advancing them) and writes it to `dst`,
+    /// without dropping what was there.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of this entry's type and aligned for it.
+    pub decode_into: unsafe fn(&mut &[u8], NonNull<u8>) -> Result<(), postcard::Error>,
+    /// Drops a value `decode_into` wrote (when the rebuild stops before it could insert it).
+    ///
+    /// # Safety
+    /// `ptr` must point to a valid value of this entry's type, which is not used afterwards.
+    pub drop_in_place: unsafe fn(NonNull<u8>),
+}
+
+/// Appends the postcard encoding of `value` to `out` (what `postcard::to_io` writes, without the
+/// `io::Write` detour per byte).
+pub(crate) fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    postcard::serialize_with_flavor(value, VecFlavor(out))
+}
+
+/// A postcard output that appends to a `Vec`.
+struct VecFlavor<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for VecFlavor<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// See [`ComponentEntry::encode_ptr`].
+unsafe fn encode_ptr<T: Serialize>(ptr: Ptr<'_>, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+    // SAFETY: the caller guarantees that `ptr` points to a `T`.
+    let value = unsafe { ptr.deref::<T>() };
+    encode_into(value, out)
+}
+
+/// See [`ComponentEntry::decode_into`].
+unsafe fn decode_into<T: DeserializeOwned>(bytes: &mut &[u8], dst: NonNull<u8>) -> Result<(), postcard::Error> {
+    let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
+    *bytes = rest;
+    // SAFETY: the caller guarantees that `dst` is valid for writes of a `T` and aligned.
+    unsafe { dst.cast::<T>().write(value) };
+    Ok(())
+}
+
+/// See [`ComponentEntry::drop_in_place`].
+unsafe fn drop_in_place<T>(ptr: NonNull<u8>) {
+    // SAFETY: the caller guarantees that `ptr` points to a valid `T` that is not used afterwards.
+    unsafe { ptr.cast::<T>().drop_in_place() };
 }
 
 /// Encodes and restores one registered resource type.
@@ -88,11 +161,11 @@ impl ModelRegistry {
                 Some(value) => postcard::to_io(value, out).map(|_| true),
                 None => Ok(false),
             },
-            insert: |bytes, entity| {
-                let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
-                entity.insert(value);
-                Ok(rest)
-            },
+            layout: Layout::new::<T>(),
+            register: |world| world.register_component::<T>(),
+            encode_ptr: encode_ptr::<T>,
+            decode_into: decode_into::<T>,
+            drop_in_place: drop_in_place::<T>,
         });
         true
     }

@@ -54,12 +54,20 @@ impl ModelViews {
 }
 
 /// When the next snapshot point comes. Part of the snapshot.
+///
+/// `ModelApp::new` inserts it before the model plugin runs; its `on_add` hook then makes the
+/// model world's internal entities invisible to model queries
+/// ([`prepare_model_world`](crate::snapshot::prepare_model_world)).
 #[derive(Resource, Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct SnapshotBook {
     pub last_external_seq: u32,
     pub last_snapshot_time: u64,
     pub externals_since: u32,
     pub requested: bool,
+    /// True while the world is rebuilt from a snapshot (see [`snapshot::rebuilding`]); not part
+    /// of the snapshot.
+    #[serde(skip)]
+    pub rebuilding: bool,
 }
 
 /// When snapshot points happen. Part of the session's identity: every replica must use the same.
@@ -144,6 +152,20 @@ pub enum ModelProblem {
     /// Entities with no registered component at all exist in the model world: they are not part
     /// of the snapshot and vanish at every snapshot point.
     UntrackedEntities(Vec<String>),
+    /// Registered model components were inserted into internal entities of the model world (a
+    /// resource's entity, an observer, a registered system), e.g. through an `Entity` that
+    /// names one. Those are not model entities: the snapshot does not carry them, and the
+    /// components vanish at the next snapshot point. Each entry names the components and the
+    /// entity.
+    ModelComponentsOnInternalEntities(Vec<String>),
+    /// Resources in the model world that are not registered, so the snapshot does not carry them:
+    /// those inserted after `ModelPlugin::build` (in `ModelInit`, by a system, an observer or a
+    /// command) vanish at every snapshot point, and a system that reads one later fails; those
+    /// `build` inserted and the model changed since are reset to their build-time value. Register
+    /// them with `ModelApp::init_resource`, `ModelApp::insert_resource`, or
+    /// `ModelApp::register_resource` and an insert in `ModelInit`. (Resources `build` inserts and
+    /// nothing changes are constants every rebuild restores: not reported.)
+    UnregisteredResources(Vec<String>),
     /// The snapshot could not be encoded; the model keeps running without this snapshot point.
     SnapshotFailed(String),
 }
@@ -562,15 +584,48 @@ impl ModelRuntime {
     }
 
     /// Reports model state that the snapshot cannot carry (once per kind).
+    ///
+    /// Internal entities (resources, observers, registered systems: see
+    /// [`snapshot::ModelInternal`]) are never model entities; registered components found on one
+    /// are reported as [`ModelProblem::ModelComponentsOnInternalEntities`], not as model entities
+    /// with unregistered (Bevy-internal) components.
     fn check_untracked_state(&mut self) {
+        use bevy::ecs::resource::IS_RESOURCE;
         let components = self.world.components();
         let model_id = components.component_id::<ModelId>();
+        let internal_marker = components.component_id::<snapshot::ModelInternal>();
         let registered: Vec<_> = self.registry.components.iter().filter_map(|c| components.get_id(c.type_id)).collect();
+        let name = |id| components.get_name(id).map(|n| n.to_string()).unwrap_or_else(|| format!("{id:?}"));
         let mut unregistered = BTreeSet::new();
         let mut untracked = BTreeSet::new();
+        let mut on_internal = BTreeSet::new();
         for archetype in self.world.archetypes().iter().filter(|a| !a.is_empty()) {
             let names = || archetype.iter_components().filter_map(|id| components.get_name(id)).map(|n| n.to_string());
-            if model_id.is_some_and(|id| archetype.contains(id)) {
+            let is_resource = archetype.contains(IS_RESOURCE);
+            if is_resource || internal_marker.is_some_and(|id| archetype.contains(id)) {
+                let model: Vec<String> =
+                    archetype.iter_components().filter(|id| registered.contains(id)).map(name).collect();
+                if !model.is_empty() {
+                    let what = if is_resource {
+                        let own = archetype
+                            .iter_components()
+                            .filter(|&id| id != IS_RESOURCE && Some(id) != model_id && !registered.contains(&id))
+                            .map(name)
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        format!("the entity of the resource {own}")
+                    } else {
+                        let own = archetype
+                            .iter_components()
+                            .filter(|&id| Some(id) != model_id && !registered.contains(&id))
+                            .map(name)
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        format!("an internal entity ({own})")
+                    };
+                    on_internal.insert(format!("{} on {what}", model.join(", ")));
+                }
+            } else if model_id.is_some_and(|id| archetype.contains(id)) {
                 for id in archetype.iter_components() {
                     if Some(id) != model_id
                         && !registered.contains(&id)
@@ -591,5 +646,22 @@ impl ModelRuntime {
         if !untracked.is_empty() {
             self.problems.push(ModelProblem::UntrackedEntities(untracked));
         }
+        let on_internal: Vec<_> = on_internal.into_iter().filter(|n| self.reported.insert(n.clone())).collect();
+        if !on_internal.is_empty() {
+            self.problems.push(ModelProblem::ModelComponentsOnInternalEntities(on_internal));
+        }
+        let resources: Vec<_> = super::lint::unregistered_resources(&self.world, &self.registry)
+            .into_iter()
+            .filter(|n| self.reported.insert(n.clone()))
+            .collect();
+        if !resources.is_empty() {
+            self.problems.push(ModelProblem::UnregisteredResources(resources));
+        }
+    }
+
+    /// The world and the registry together, to encode or compare the state part by part (the
+    /// shadow replica, reload reports).
+    pub(crate) fn world_and_registry(&mut self) -> (&mut World, &ModelRegistry) {
+        (&mut self.world, &self.registry)
     }
 }
