@@ -1,4 +1,5 @@
-//! The UDP wire both ends must agree on: renet's channel layout and netcode's protocol id.
+//! The UDP wire both ends must agree on: renet's channel layout and netcode's protocol id; and
+//! the socket buffers both ends ask for.
 //!
 //! Clients (`bevy_synq`'s UDP transport) and the reflector (`synq_reflector::server`) build their
 //! renet connections from [`connection_config`], so a game links these few definitions and not
@@ -48,5 +49,48 @@ pub fn connection_config() -> ConnectionConfig {
         available_bytes_per_tick: BYTES_PER_TICK,
         server_channels_config: vec![channel.clone()],
         client_channels_config: vec![channel],
+    }
+}
+
+/// The socket buffer size both ends ask for: the default (≈ 208 KiB on Linux) holds only a few
+/// milliseconds of a large `Sync` arriving at full speed, or of a busy reflector's traffic, and a
+/// scheduling gap then drops datagrams (each costing a renet resend).
+pub const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer on `socket` (the kernel may cap it
+/// silently, e.g. at `net.core.rmem_max` on Linux). Returns the options that could not be set,
+/// with the OS's error, for the caller to log. Nothing is done on non-Unix systems.
+///
+/// ```
+/// let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+/// assert!(synq_protocol::udp::enlarge_socket_buffers(&socket).is_empty());
+/// ```
+pub fn enlarge_socket_buffers(socket: &std::net::UdpSocket) -> Vec<(&'static str, std::io::Error)> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let size = SOCKET_BUFFER_BYTES as libc::c_int;
+        let mut failed = Vec::new();
+        for (option, name) in [(libc::SO_RCVBUF, "SO_RCVBUF"), (libc::SO_SNDBUF, "SO_SNDBUF")] {
+            // SAFETY: a valid socket descriptor and a pointer to a c_int of the size given.
+            let result = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if result != 0 {
+                failed.push((name, std::io::Error::last_os_error()));
+            }
+        }
+        failed
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = socket;
+        Vec::new()
     }
 }

@@ -193,32 +193,6 @@ const MAINTAIN_EVERY: Duration = Duration::from_millis(5);
 /// datagram per connection instead of each costing one (renet packs queued messages into packets).
 pub const FRAME_FLUSH: Duration = Duration::from_micros(1000);
 
-/// Socket buffer size asked for: the default (≈ 208 KiB) holds only a few milliseconds of traffic
-/// at high rates, and a scheduling gap then drops datagrams (each costing a renet resend).
-#[cfg(unix)]
-const SOCKET_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
-
-#[cfg(unix)]
-fn enlarge_socket_buffers(socket: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        let size = SOCKET_BUFFER_BYTES;
-        // SAFETY: a valid socket descriptor and a pointer to a c_int of the size given.
-        let result = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if result != 0 {
-            tracing::warn!(option, "could not enlarge the socket buffer: {}", std::io::Error::last_os_error());
-        }
-    }
-}
-
 fn unix_now() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
@@ -231,8 +205,9 @@ impl UdpReflector {
         }
         let bind_error = |source| ServerError::Bind { addr: config.listen, source };
         let socket = UdpSocket::bind(config.listen).map_err(bind_error)?;
-        #[cfg(unix)]
-        enlarge_socket_buffers(&socket);
+        for (option, error) in synq_protocol::udp::enlarge_socket_buffers(&socket) {
+            tracing::warn!(option, "could not enlarge the socket buffer: {error}");
+        }
         let local_addr = socket.local_addr().map_err(bind_error)?;
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);

@@ -28,11 +28,6 @@ const ACK_FLUSH: Duration = Duration::from_millis(10);
 /// Datagrams taken per wake-up at most, so that a flood cannot starve the sending side.
 const MAX_DATAGRAMS_PER_WAKE: usize = 1024;
 
-/// Socket buffer size asked for: the default (≈ 208 KiB on Linux) holds only a few milliseconds
-/// of a large `Sync` arriving at full speed.
-#[cfg(unix)]
-const SOCKET_BUFFER_BYTES: libc::c_int = 4 * 1024 * 1024;
-
 /// What the thread sends the app.
 pub(super) enum Inbound {
     /// A decoded message from the reflector.
@@ -308,8 +303,9 @@ struct Transport {
 impl Transport {
     fn new(now: Duration, authentication: ClientAuthentication, socket: UdpSocket) -> Result<Self, String> {
         socket.set_nonblocking(true).map_err(|e| format!("cannot configure the UDP socket: {e}"))?;
-        #[cfg(unix)]
-        enlarge_socket_buffers(&socket);
+        for (option, error) in synq_protocol::udp::enlarge_socket_buffers(&socket) {
+            tracing::warn!("bevy_synq: could not set {option} on the UDP socket: {error}");
+        }
         let netcode = NetcodeClient::new(now, authentication).map_err(|e| e.to_string())?;
         Ok(Self { socket, netcode, buffer: Box::new([0; MAX_DATAGRAM_BYTES]) })
     }
@@ -393,29 +389,6 @@ impl Transport {
         if let Ok((addr, packet)) = self.netcode.disconnect() {
             // Best effort: the reflector times the connection out anyway.
             let _ = self.socket.send_to(packet, addr);
-        }
-    }
-}
-
-/// Asks for [`SOCKET_BUFFER_BYTES`] of receive and send buffer (the kernel may cap it, e.g. at
-/// `net.core.rmem_max` on Linux); warns if the request fails.
-#[cfg(unix)]
-fn enlarge_socket_buffers(socket: &UdpSocket) {
-    use std::os::fd::AsRawFd;
-    for (option, name) in [(libc::SO_RCVBUF, "SO_RCVBUF"), (libc::SO_SNDBUF, "SO_SNDBUF")] {
-        let size = SOCKET_BUFFER_BYTES;
-        // SAFETY: a valid socket descriptor and a pointer to a c_int of the size given.
-        let result = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if result != 0 {
-            tracing::warn!("bevy_synq: could not set {name} on the UDP socket: {}", io::Error::last_os_error());
         }
     }
 }
