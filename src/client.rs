@@ -155,6 +155,8 @@ pub struct SynqClient {
     plugin: Arc<dyn ModelPlugin>,
     settings: WorldSettings,
     connector: Box<dyn Connector>,
+    /// Where the connector connects, described once (for logs and [`SynqClient::reflector`]).
+    reflector: String,
     connection: Option<Box<dyn Connection>>,
     phase: Phase,
     synced: bool,
@@ -213,6 +215,7 @@ impl SynqClient {
             key: None,
             plugin,
             settings,
+            reflector: connector.describe(),
             connector,
             connection: None,
             phase: Phase::DerivingKey(key),
@@ -350,8 +353,8 @@ impl SynqClient {
     }
 
     /// Where this client's reflector is, e.g. `the reflector at udp://127.0.0.1:5800`.
-    pub fn reflector(&self) -> String {
-        self.connector.describe()
+    pub fn reflector(&self) -> &str {
+        &self.reflector
     }
 
     /// How many times the connection was restored after a loss.
@@ -409,9 +412,9 @@ impl SynqClient {
             Ok(connection) => connection,
             Err(reason) => {
                 if self.lost_at.is_some() {
-                    return self.lost(format!("cannot reach {}: {reason}", self.connector.describe()));
+                    return self.lost(format!("cannot reach {}: {reason}", self.reflector));
                 }
-                return self.fail(format!("cannot reach {}: {reason}", self.connector.describe()));
+                return self.fail(format!("cannot reach {}: {reason}", self.reflector));
             }
         };
         self.connection = Some(connection);

@@ -259,24 +259,41 @@ fn update_connection(
     state: Res<State<SynqState>>,
     mut next: ResMut<NextState<SynqState>>,
 ) {
-    let details = SynqConnection {
-        session: client.as_ref().map(|c| c.ids()),
-        reflector: client.as_ref().map(|c| c.reflector()),
-        progress: match &*status {
+    // Compared before anything is copied: the strings change only when the session or the
+    // status does, and this runs every frame.
+    let reflector = client.as_ref().map(|c| c.reflector());
+    let reason = match &*status {
+        SynqStatus::Disconnected { reason } => Some(reason.as_str()),
+        _ => None,
+    };
+    let numbers = (
+        client.as_ref().map(|c| c.ids()),
+        match &*status {
             SynqStatus::Syncing { progress } => *progress,
             SynqStatus::Synced => 1.0,
             _ => 0.0,
         },
-        reason: match &*status {
-            SynqStatus::Disconnected { reason } => Some(reason.clone()),
-            _ => None,
-        },
-        rtt: client.as_ref().and_then(|c| c.rtt()),
-        backlog: client.as_ref().map_or(0, |c| c.backlog()),
-        unacknowledged: client.as_ref().map_or(0, |c| c.unacknowledged_events()),
-        reconnects: client.as_ref().map_or(0, |c| c.reconnects()),
-    };
-    connection.set_if_neq(details);
+        client.as_ref().and_then(|c| c.rtt()),
+        client.as_ref().map_or(0, |c| c.backlog()),
+        client.as_ref().map_or(0, |c| c.unacknowledged_events()),
+        client.as_ref().map_or(0, |c| c.reconnects()),
+    );
+    let current = &*connection;
+    let held =
+        (current.session, current.progress, current.rtt, current.backlog, current.unacknowledged, current.reconnects);
+    if held != numbers || current.reflector.as_deref() != reflector || current.reason.as_deref() != reason {
+        let (session, progress, rtt, backlog, unacknowledged, reconnects) = numbers;
+        *connection = SynqConnection {
+            session,
+            reflector: reflector.map(str::to_owned),
+            progress,
+            reason: reason.map(str::to_owned),
+            rtt,
+            backlog,
+            unacknowledged,
+            reconnects,
+        };
+    }
     let wanted = SynqState::from(&*status);
     if *state.get() != wanted {
         next.set(wanted);
