@@ -24,6 +24,10 @@
 //! [`UdpReflectorConfig::idle_sleep`] (1 ms by default, so that timers and renet's resends run),
 //! and it answers in the iteration that received a message: no frame of latency is added, only
 //! the wake-up and the work of one iteration. See `tests/udp_process.rs` (`ping_round_trip`).
+//! When wake-ups that bring nothing but acks and keep-alives exceed 2,000 a second (many idle
+//! clients), the loop sleeps 0.5 ms between iterations instead, and takes in what arrived in
+//! batches: a message then waits up to 0.5 ms more. The core's timers (heartbeat ticks, batches,
+//! tallies) run every 5 ms, since each run walks every session.
 //! (On non-Unix systems it sleeps instead of waiting for readability.)
 //!
 //! # Hostile traffic
@@ -37,13 +41,13 @@
 //! binary also silences renetcode's one-error-per-packet logging and counts it instead
 //! ([`netcode_error_counter`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use renet::{Bytes, RenetServer, ServerEvent};
+use renet::Bytes;
 use renet_netcode::{ServerAuthentication, ServerConfig};
 
 mod hosting;
@@ -54,9 +58,9 @@ pub use hosting::{HostedReflector, reachable_addresses};
 pub use log_limit::netcode_error_counter;
 use log_limit::{LogLimit, REPORT_EVERY};
 use synq_protocol::codec::{self, DecodeError};
-use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, DEFAULT_PROTOCOL_ID, connection_config};
+use synq_protocol::udp::{CHANNEL_MEMORY_BYTES, DEFAULT_PROTOCOL_ID};
 use synq_protocol::wire::{ErrorCode, ErrorMessage, ServerMessage};
-use transport::Transport;
+use transport::{Event, Transport};
 
 use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
 use crate::storage::{DiskStorage, StorageError};
@@ -64,8 +68,9 @@ use crate::storage::{DiskStorage, StorageError};
 /// The address the binary listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
 
-/// Largest number of simultaneous connections netcode supports.
-pub const MAX_CLIENTS_LIMIT: usize = 1024;
+/// Largest number of simultaneous connections: renetcode's server holds at most 1,024, so the
+/// transport runs several of them (shards of 256) on the one socket.
+pub const MAX_CLIENTS_LIMIT: usize = 32_768;
 
 /// How long a closed client is given to acknowledge its final error before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
@@ -145,7 +150,6 @@ pub enum ServerError {
 /// The reflector on a UDP socket. See the module documentation.
 pub struct UdpReflector {
     core: Reflector,
-    server: RenetServer,
     transport: Transport,
     local_addr: SocketAddr,
     idle_sleep: Duration,
@@ -154,28 +158,32 @@ pub struct UdpReflector {
     fd: std::os::fd::RawFd,
     /// The reflector clock's zero.
     epoch: Instant,
-    /// When renet was last advanced.
-    last_update: Instant,
-    /// When packets were last flushed to the socket, and whether frames were queued since.
+    /// When frames were last flushed to the socket.
     last_flush: Instant,
-    last_ack_flush: Instant,
-    last_maintain: Instant,
+    /// When the core's timers last ran.
+    last_poll: Instant,
+    /// Loop iterations in the current [`QUIET_WINDOW`] that brought nothing but acks and
+    /// keep-alives, and whether the loop sleeps instead of waking on each datagram.
+    quiet_wakes: u32,
+    quiet_since: Instant,
+    coalesce: bool,
     /// Sessions held in memory at the last check, to give memory back once sessions unloaded.
     sessions_held: usize,
     last_trim: Instant,
     /// Connections with frames queued since the last flush.
     dirty: std::collections::HashSet<u64>,
     frame_flush: Duration,
-    /// renet (netcode) client id → the core's id for that connection. Core ids are never reused,
-    /// so a client that reconnects with the same netcode id is a new connection to the core.
+    /// The transport's connection id → the core's id for that connection. Core ids are never
+    /// reused, so a client that reconnects is a new connection to the core.
     by_renet: HashMap<u64, ClientId>,
     by_core: HashMap<ClientId, u64>,
     next_client: ClientId,
     /// Connections closed by the reflector, waiting for their final error to be acknowledged,
     /// with the time at which they are dropped anyway.
     closing: HashMap<u64, Instant>,
-    /// Connections, with the time by which they must have joined a session.
-    join_deadline: HashMap<u64, Instant>,
+    /// Connections in the order they connected, with the time by which they must have joined a
+    /// session (the timeout is the same for all, so the earliest deadline is at the front).
+    join_deadline: VecDeque<(Instant, u64)>,
     join_timeout: Duration,
     /// The address of every admitted connection, and how many each address holds.
     ip_of: HashMap<u64, IpAddr>,
@@ -183,11 +191,17 @@ pub struct UdpReflector {
     max_connections_per_ip: usize,
 }
 
-/// How often acks are flushed when nothing else is sent.
-const ACK_FLUSH: Duration = Duration::from_millis(20);
+/// The core's timers (heartbeat ticks, join/leave batches, tallies) run this often: each run
+/// walks every session, so it does not run on every loop iteration. Ticks are at most this late.
+const POLL_EVERY: Duration = Duration::from_millis(5);
 
-/// netcode's per-connection upkeep (keep-alives, timeouts) runs this often.
-const MAINTAIN_EVERY: Duration = Duration::from_millis(5);
+/// Over each window this long, the loop counts the iterations that brought nothing but acks and
+/// keep-alives; above [`QUIET_WAKES_MAX`] of them, it sleeps [`COALESCE`] between iterations
+/// during the next window instead of waking on each datagram. Many idle clients then cost a few
+/// thousand wake-ups a second, each taking in a batch of datagrams, instead of one per datagram.
+const QUIET_WINDOW: Duration = Duration::from_millis(100);
+const QUIET_WAKES_MAX: u32 = 200;
+const COALESCE: Duration = Duration::from_micros(500);
 
 /// Frames are flushed at most this often by default: at high rates several frames then share a
 /// datagram per connection instead of each costing one (renet packs queued messages into packets).
@@ -228,17 +242,17 @@ impl UdpReflector {
         tracing::info!(%local_addr, max_clients = config.max_clients, protocol_id = config.protocol_id, "listening (UDP, netcode unsecure)");
         Ok(Self {
             core,
-            server: RenetServer::new(connection_config()),
             transport,
             local_addr,
             idle_sleep: config.idle_sleep,
             #[cfg(unix)]
             fd,
             epoch: now,
-            last_update: now,
             last_flush: now,
-            last_ack_flush: now,
-            last_maintain: now,
+            last_poll: now,
+            quiet_wakes: 0,
+            quiet_since: now,
+            coalesce: false,
             sessions_held: 0,
             last_trim: now,
             dirty: Default::default(),
@@ -247,7 +261,7 @@ impl UdpReflector {
             by_core: HashMap::new(),
             next_client: 1,
             closing: HashMap::new(),
-            join_deadline: HashMap::new(),
+            join_deadline: VecDeque::new(),
             join_timeout: config.join_timeout,
             ip_of: HashMap::new(),
             per_ip: HashMap::new(),
@@ -267,7 +281,7 @@ impl UdpReflector {
 
     /// Number of open connections (joined to a session or not).
     pub fn connected_clients(&self) -> usize {
-        self.server.connected_clients()
+        self.transport.connected()
     }
 
     /// Serves until `stop` is set, then shuts down gracefully ([`UdpReflector::shutdown`]).
@@ -285,39 +299,35 @@ impl UdpReflector {
     /// One iteration: receives what arrived, hands it to the core, fires due timers and sends the
     /// answers. `now` must not go backwards.
     pub fn run_once(&mut self, now: Instant) -> Result<(), ServerError> {
-        let dt = now.saturating_duration_since(self.last_update);
-        self.last_update = self.last_update.max(now);
-        self.server.update(dt);
-        let maintain = now.saturating_duration_since(self.last_maintain) >= MAINTAIN_EVERY;
-        if maintain {
-            self.last_maintain = now;
+        let received = self.transport.update(now).map_err(|e| ServerError::Transport(e.to_string()));
+        if !self.transport.has_news() {
+            self.quiet_wakes += 1;
         }
-        let received = self
-            .transport
-            .update(now, dt, &mut self.server, maintain)
-            .map_err(|e| ServerError::Transport(e.to_string()));
+        if now.saturating_duration_since(self.quiet_since) >= QUIET_WINDOW {
+            self.coalesce = self.quiet_wakes > QUIET_WAKES_MAX;
+            self.quiet_wakes = 0;
+            self.quiet_since = now;
+        }
         let t = self.millis(now);
         self.handle_events(t, now);
         self.receive(t, now);
-        if maintain {
-            self.expire_joins(t, now);
+        self.expire_joins(t, now);
+        if now.saturating_duration_since(self.last_poll) >= POLL_EVERY {
+            self.last_poll = now;
+            self.core.poll(t);
         }
-        self.core.poll(t);
         self.release_memory(now);
         self.dispatch(t, now);
         self.finish_closing(now);
-        // Flush at once when there is something to deliver; otherwise only every ACK_FLUSH, so
-        // that busy sockets do not turn into a storm of ack-only datagrams (renet writes a packet
-        // to every connection with pending acks on each flush).
+        // Frames go out at most every `frame_flush`, so that at high rates several share a
+        // datagram; acks, resends and keep-alives go out when each connection's timer says so.
         if !self.dirty.is_empty() && now.saturating_duration_since(self.last_flush) >= self.frame_flush {
             let dirty: Vec<u64> = self.dirty.drain().collect();
-            self.transport.flush(&mut self.server, dirty);
+            self.transport.flush(now, dirty);
             self.last_flush = now;
         }
-        if now.saturating_duration_since(self.last_ack_flush) >= ACK_FLUSH {
-            self.transport.flush_all(&mut self.server);
-            self.last_ack_flush = now;
-        }
+        self.transport.run_timers(now);
+        self.transport.send_queued();
         received
     }
 
@@ -330,13 +340,13 @@ impl UdpReflector {
             code: ErrorCode::ShuttingDown,
             message: "the reflector is shutting down".into(),
         })));
-        let clients = self.server.clients_id();
+        let clients = self.transport.ids();
         tracing::info!(clients = clients.len(), "shutting down");
-        for renet in &clients {
-            if self.server.can_send_message(*renet, CHANNEL, frame.len()) {
-                self.server.send_message(*renet, CHANNEL, frame.clone());
+        for id in &clients {
+            if self.transport.can_send(*id, frame.len()) {
+                self.transport.send_message(*id, frame.clone());
             }
-            if let Some(client) = self.by_renet.get(renet) {
+            if let Some(client) = self.by_renet.get(id) {
                 self.core.disconnect(t, *client);
             }
         }
@@ -344,20 +354,20 @@ impl UdpReflector {
         if let Err(error) = self.core.flush_storage(t) {
             tracing::error!(%error, "could not flush storage on shutdown");
         }
-        self.transport.flush_all(&mut self.server);
-        while start.elapsed() < grace && clients.iter().any(|c| !self.acknowledged(*c)) {
+        self.transport.flush_all(start);
+        self.transport.send_queued();
+        while start.elapsed() < grace && clients.iter().any(|c| !self.transport.acknowledged(*c)) {
             std::thread::sleep(Duration::from_millis(1));
             let now = Instant::now();
-            let dt = now.saturating_duration_since(self.last_update);
-            self.last_update = now;
-            self.server.update(dt);
-            let _ = self.transport.update(now, dt, &mut self.server, true);
-            for renet in self.server.clients_id() {
-                while self.server.receive_message(renet, CHANNEL).is_some() {}
+            let _ = self.transport.update(now);
+            for id in self.transport.take_readable() {
+                while self.transport.receive_message(id).is_some() {}
             }
-            self.transport.flush_all(&mut self.server);
+            self.transport.run_timers(now);
+            self.transport.flush_all(now);
+            self.transport.send_queued();
         }
-        self.transport.disconnect_all(&mut self.server);
+        self.transport.disconnect_all(Instant::now());
         self.by_renet.clear();
         self.by_core.clear();
         self.closing.clear();
@@ -368,6 +378,10 @@ impl UdpReflector {
 
     /// Waits until a datagram arrives or [`UdpReflectorConfig::idle_sleep`] passed.
     fn wait(&self) {
+        if self.coalesce && !self.idle_sleep.is_zero() {
+            std::thread::sleep(COALESCE.min(self.idle_sleep));
+            return;
+        }
         if self.idle_sleep.is_zero() {
             std::thread::yield_now();
             return;
@@ -391,36 +405,33 @@ impl UdpReflector {
 
     /// Whether everything sent to `renet` was acknowledged (or it is gone).
     fn acknowledged(&self, renet: u64) -> bool {
-        !self.server.is_connected(renet) || self.server.channel_available_memory(renet, CHANNEL) == CHANNEL_MEMORY_BYTES
+        !self.transport.is_connected(renet) || self.transport.acknowledged(renet)
     }
 
     fn handle_events(&mut self, t: u64, now: Instant) {
-        while let Some(event) = self.server.get_event() {
+        while let Some(event) = self.transport.next_event() {
             match event {
-                ServerEvent::ClientConnected { client_id: renet } => {
-                    let addr = self.transport.client_addr(renet);
-                    if let Some(ip) = addr.map(|addr| addr.ip()) {
-                        let held = self.per_ip.entry(ip).or_default();
-                        if *held >= self.max_connections_per_ip {
-                            // Never admitted: its disconnection event finds no mapping.
-                            self.transport.log.record("connections refused (per-address limit)", ip, now);
-                            self.server.disconnect(renet);
-                            continue;
-                        }
-                        *held += 1;
-                        self.ip_of.insert(renet, ip);
+                Event::Connected { id: renet, addr } => {
+                    let ip = addr.ip();
+                    let held = self.per_ip.entry(ip).or_default();
+                    if *held >= self.max_connections_per_ip {
+                        // Never admitted: its disconnection event finds no mapping.
+                        self.transport.log.record("connections refused (per-address limit)", ip, now);
+                        self.transport.disconnect(now, renet);
+                        continue;
                     }
+                    *held += 1;
+                    self.ip_of.insert(renet, ip);
                     let client = self.next_client;
                     self.next_client += 1;
-                    tracing::info!(client, netcode_id = renet, ?addr, "connected");
+                    tracing::info!(client, connection = renet, %addr, "connected");
                     self.by_renet.insert(renet, client);
                     self.by_core.insert(client, renet);
-                    self.join_deadline.insert(renet, now + self.join_timeout);
-                    self.core.connect_from(t, client, addr.map(|addr| addr.ip()));
+                    self.join_deadline.push_back((now + self.join_timeout, renet));
+                    self.core.connect_from(t, client, Some(ip));
                 }
-                ServerEvent::ClientDisconnected { client_id: renet, reason } => {
+                Event::Disconnected { id: renet, reason } => {
                     self.closing.remove(&renet);
-                    self.join_deadline.remove(&renet);
                     if let Some(ip) = self.ip_of.remove(&renet)
                         && let Some(held) = self.per_ip.get_mut(&ip)
                     {
@@ -430,7 +441,7 @@ impl UdpReflector {
                         }
                     }
                     if let Some(client) = self.by_renet.remove(&renet) {
-                        tracing::info!(client, netcode_id = renet, %reason, "disconnected");
+                        tracing::info!(client, connection = renet, %reason, "disconnected");
                         self.by_core.remove(&client);
                         self.core.disconnect(t, client);
                     }
@@ -441,10 +452,18 @@ impl UdpReflector {
 
     fn receive(&mut self, t: u64, now: Instant) {
         let limits = self.core.config().limits;
-        for renet in self.server.clients_id() {
+        let mut readable = self.transport.take_readable();
+        readable.sort_unstable();
+        readable.dedup();
+        for renet in readable {
             let Some(&client) = self.by_renet.get(&renet) else { continue };
-            while !self.closing.contains_key(&renet) {
-                let Some(frame) = self.server.receive_message(renet, CHANNEL) else { break };
+            loop {
+                if self.closing.contains_key(&renet) {
+                    // Anything a closing client still sends is ignored.
+                    while self.transport.receive_message(renet).is_some() {}
+                    break;
+                }
+                let Some(frame) = self.transport.receive_message(renet) else { break };
                 match codec::decode_client(&frame, &limits) {
                     Ok(message) => self.core.handle(t, client, message),
                     Err(DecodeError::PayloadTooLarge { what, size, limit }) => {
@@ -466,10 +485,6 @@ impl UdpReflector {
                 }
                 self.dispatch(t, now);
             }
-        }
-        // Anything a closing client still sends is ignored.
-        for renet in self.closing.keys() {
-            while self.server.receive_message(*renet, CHANNEL).is_some() {}
         }
     }
 
@@ -511,14 +526,14 @@ impl UdpReflector {
             tracing::warn!(client, "closing: {message}");
             return self.close(t, now, client, ErrorMessage { code: ErrorCode::TooLarge, message });
         }
-        if !self.server.can_send_message(renet, CHANNEL, frame.len()) {
+        if !self.transport.can_send(renet, frame.len()) {
             // It does not read what it is sent: drop it rather than buffer without bound.
             tracing::warn!(client, netcode_id = renet, "closing: the client does not keep up");
             self.closing.insert(renet, now);
             self.core.disconnect(t, client);
             return;
         }
-        self.server.send_message(renet, CHANNEL, frame);
+        self.transport.send_message(renet, frame);
         self.dirty.insert(renet);
     }
 
@@ -530,8 +545,9 @@ impl UdpReflector {
             return;
         }
         let frame = Bytes::from(codec::encode_server(&ServerMessage::Error(reason)));
-        if self.server.can_send_message(renet, CHANNEL, frame.len()) {
-            self.server.send_message(renet, CHANNEL, frame);
+        if self.transport.can_send(renet, frame.len()) {
+            self.transport.send_message(renet, frame);
+            self.dirty.insert(renet);
         }
         self.closing.insert(renet, now + CLOSE_GRACE);
         self.core.disconnect(t, client);
@@ -557,10 +573,11 @@ impl UdpReflector {
 
     /// Closes the connections that sent nothing within [`UdpReflectorConfig::join_timeout`].
     fn expire_joins(&mut self, t: u64, now: Instant) {
-        let expired: Vec<u64> =
-            self.join_deadline.iter().filter(|(_, deadline)| now >= **deadline).map(|(renet, _)| *renet).collect();
-        for renet in expired {
-            self.join_deadline.remove(&renet);
+        while let Some(&(deadline, renet)) = self.join_deadline.front() {
+            if now < deadline {
+                break;
+            }
+            self.join_deadline.pop_front();
             let Some(&client) = self.by_renet.get(&renet) else { continue };
             if self.core.has_joined(client) {
                 continue;
@@ -581,8 +598,8 @@ impl UdpReflector {
             .map(|(r, _)| *r)
             .collect();
         for renet in done {
-            // The `ClientDisconnected` event then removes the mapping.
-            self.server.disconnect(renet);
+            // The `Disconnected` event then removes the mapping.
+            self.transport.disconnect(now, renet);
             self.closing.remove(&renet);
         }
     }
