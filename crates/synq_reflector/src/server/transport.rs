@@ -48,8 +48,11 @@ use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
 
 use super::log_limit::{LogLimit, netcode_errors};
 
-/// Most datagrams taken in per loop iteration (≈ 180 KB): what is left waits for the next one.
-const MAX_DATAGRAMS_PER_UPDATE: usize = 128;
+/// Most datagrams taken in per loop iteration (≈ 1.4 MB): what is left waits for the next one.
+/// Large enough that a loop that sleeps between iterations (many idle clients, see
+/// `server.rs`) or was descheduled for a few milliseconds still drains the socket faster than
+/// tens of thousands of clients fill it.
+const MAX_DATAGRAMS_PER_UPDATE: usize = 1024;
 
 /// Datagrams per `recvmmsg` / `sendmmsg` call.
 pub(crate) const BATCH: usize = 32;
