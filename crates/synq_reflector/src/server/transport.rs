@@ -9,7 +9,10 @@
 //! handshaking address goes to the shard that knows it, a connection request from a new address
 //! goes to a shard with a free slot, and anything else from an unknown address is dropped (no
 //! shard could decrypt it). With `max_clients` up to [`SHARD_SLOTS`] there is a single shard of
-//! exactly `max_clients` slots, as before. Every datagram still passes [`check_server_bound`]
+//! exactly `max_clients` slots, as before. An address stays routed to its shard for 10 s of
+//! handshake at most, and at most 4 × `max_clients` (at least 4,096, netcode's own bound on one
+//! server's handshakes) addresses may be in a handshake at once: requests beyond are dropped and
+//! counted, so spoofed source addresses cannot grow the routing table without bound. Every datagram still passes [`check_server_bound`]
 //! first (renetcode 2.0.0 panics on some malformed datagrams; see
 //! [`synq_protocol::netcode_guard`]).
 //!
@@ -179,6 +182,10 @@ pub(crate) struct Transport {
     routes: HashMap<SocketAddr, Route>,
     /// Handshake routes in the order they were made, to expire them.
     handshakes: VecDeque<(Instant, SocketAddr)>,
+    /// Addresses routed as [`Route::Handshake`], and how many may be at once (anyone can send
+    /// connection requests from as many source addresses as they like).
+    handshaking: usize,
+    handshake_limit: usize,
     connections: HashMap<u64, Connection>,
     next_id: u64,
     events: VecDeque<Event>,
@@ -223,11 +230,13 @@ impl Transport {
             receive: Receiver::new(&socket),
             socket,
             max_clients: config.max_clients,
+            handshake_limit: (4 * config.max_clients).max(4096),
             shard_slots: SHARD_SLOTS,
             config,
             shards: Vec::new(),
             routes: HashMap::new(),
             handshakes: VecDeque::new(),
+            handshaking: 0,
             connections: HashMap::new(),
             next_id: 1,
             events: VecDeque::new(),
@@ -313,6 +322,7 @@ impl Transport {
             if let Some(&Route::Handshake(shard)) = self.routes.get(&addr) {
                 self.routes.remove(&addr);
                 self.shards[shard].used -= 1;
+                self.handshaking -= 1;
             }
         }
         let mut taken = 0;
@@ -354,7 +364,16 @@ impl Transport {
                 None => return,
             },
             Some(Route::Handshake(shard)) => shard,
-            None if kind == PacketKind::ConnectionRequest => self.shard_for_new(),
+            None if kind == PacketKind::ConnectionRequest => {
+                if self.handshaking >= self.handshake_limit {
+                    return self.log.record(
+                        "connection requests dropped (too many handshakes under way)",
+                        addr.ip(),
+                        now,
+                    );
+                }
+                self.shard_for_new()
+            }
             None => {
                 // No shard knows this address: nothing it sent could be decrypted.
                 return self.log.record("datagrams from unknown addresses dropped", addr.ip(), now);
@@ -373,6 +392,7 @@ impl Transport {
                     // A challenge (or a refusal): the answer comes back to this shard.
                     self.routes.insert(addr, Route::Handshake(shard));
                     self.handshakes.push_back((now, addr));
+                    self.handshaking += 1;
                     self.shards[shard].used += 1;
                 }
             }
@@ -400,8 +420,10 @@ impl Transport {
                 self.outbox.push(addr, payload);
                 let id = self.next_id;
                 self.next_id += 1;
-                if route.is_none() {
-                    self.shards[shard].used += 1;
+                match route {
+                    None => self.shards[shard].used += 1,
+                    Some(Route::Handshake(_)) => self.handshaking -= 1,
+                    Some(Route::Connected(_)) => {}
                 }
                 self.routes.insert(addr, Route::Connected(id));
                 let mut renet = RenetClient::new(connection_config());
@@ -958,5 +980,35 @@ mod tests {
         transport.update(Instant::now() + HANDSHAKE_ROUTE).unwrap();
         assert!(transport.routes.is_empty());
         assert_eq!(transport.shards[0].used, 0);
+        assert_eq!(transport.handshaking, 0);
+    }
+
+    #[test]
+    fn handshakes_beyond_the_limit_are_dropped_before_netcode() {
+        let mut transport = transport(8, 8);
+        transport.handshake_limit = 1;
+        let server = transport.socket.local_addr().unwrap();
+        let mut first = Client::new(server, 1);
+        first.pump(Duration::ZERO);
+        let start = Instant::now();
+        while transport.routes.is_empty() && start.elapsed() < Duration::from_secs(1) {
+            transport.update(Instant::now()).unwrap();
+        }
+        assert_eq!(transport.handshaking, 1);
+        let mut second = Client::new(server, 2);
+        second.pump(Duration::ZERO);
+        let second_addr = second.socket.local_addr().unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            transport.update(Instant::now()).unwrap();
+        }
+        assert!(!transport.routes.contains_key(&second_addr), "no route, no pending entry");
+        assert_eq!(transport.handshaking, 1);
+        // Once the first one connects, the next handshake is admitted.
+        settle(&mut transport, std::slice::from_mut(&mut first));
+        assert!(first.netcode.is_connected());
+        assert_eq!(transport.handshaking, 0);
+        settle(&mut transport, std::slice::from_mut(&mut second));
+        assert!(second.netcode.is_connected());
     }
 }
