@@ -563,7 +563,8 @@ impl Transport {
                     connection.last_sent = now;
                 }
                 if now >= connection.last_received + TIMEOUT_CHECK {
-                    connection.last_received = now - TIMEOUT_CHECK / 2;
+                    // Not timed out: check again in half the interval.
+                    connection.last_received = now.checked_sub(TIMEOUT_CHECK / 2).unwrap_or(now);
                 }
                 false
             }
