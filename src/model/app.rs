@@ -160,6 +160,8 @@ impl ModelApp {
     ///
     /// If `T` is the target side of a relationship (like `Children`): it is derived from the
     /// relationship components pointing at it; register the relationship (like `ChildOf`).
+    /// bevy_synq tells the two sides apart as Bevy's derives make them: a relationship is
+    /// immutable, its target mutable.
     pub fn register_component<T: Component + Serialize + DeserializeOwned>(&mut self) -> &mut Self {
         assert!(
             !super::registry::is_relationship_target::<T>(),
