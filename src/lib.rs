@@ -61,8 +61,10 @@
 //!
 //! Model code must be deterministic: see `docs/determinism.md`. In short: use [`ModelTime`] and
 //! [`ModelRng`], never the wall clock or `rand`; keep state in registered components and
-//! resources; refer to entities across time by [`ModelId`]; use the portable math in [`math`]
-//! for transcendental functions; order systems whose commands interact.
+//! resources; keep `Entity` values only where Bevy's entity mapping reaches them (`#[entities]`
+//! fields, relationships such as `ChildOf`: see [`ModelApp::register_component`]) and refer to
+//! entities from events and timers by [`ModelId`]; use the portable math in [`math`] for
+//! transcendental functions; order systems whose commands interact.
 //!
 //! ## Sessions at run time
 //!
@@ -91,6 +93,9 @@ struct PersistenceGuideDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/debugging-desyncs.md")]
 struct DebuggingGuideDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/determinism.md")]
+struct DeterminismGuideDoctests;
 
 mod client;
 mod config;

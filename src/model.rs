@@ -1,6 +1,7 @@
 //! The model: a deterministic Bevy `World` of its own, stepped only by the reflector.
 
 pub(crate) mod app;
+pub(crate) mod entity_refs;
 pub(crate) mod events;
 pub(crate) mod ids;
 pub(crate) mod lint;

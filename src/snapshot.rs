@@ -8,7 +8,11 @@
 //!
 //! Layout: `b"SYNQSNAP"`, format version (u16 LE), the registry fingerprint (32 bytes), the
 //! runtime's own state, the registered resources (a presence byte each), the entity count, then
-//! per entity its id, a presence bitmask and its components.
+//! per entity its id, a presence bitmask and its components; last, for each registered
+//! relationship component (like `ChildOf`), the order in which each target with two sources or
+//! more (like `Children`) lists them. `Entity` values inside components and resources are written
+//! in a canonical form that does not depend on the world's allocation history, and mapped to the
+//! rebuilt world's entities; see `model::entity_refs` and `docs/determinism.md`.
 //!
 //! # The rebuild is invisible to model code
 //!
@@ -19,7 +23,8 @@
 //! * **Component hooks do run** (`#[component(on_add = …)]`, `on_insert`, and hooks registered
 //!   with `World::register_component_hooks`): Bevy 0.19 has no way to insert a component without
 //!   its hooks. They run once per restored value (a resource when it is inserted, an entity's
-//!   components when its row is inserted, entities in [`ModelId`] order) on every replica alike,
+//!   components when its row is inserted, entities in [`ModelId`] order, then relationship
+//!   components such as `ChildOf` in their targets' order) on every replica alike,
 //!   late joiners included, while [`rebuilding`] returns `true`: a hook that does more than keep
 //!   derived data up to date (an index, say) should return early then.
 //! * **Internal entities are not model entities.** In Bevy 0.19 resources, observers and
@@ -31,19 +36,21 @@
 use bevy::ecs::component::ComponentId;
 use bevy::ecs::observer::ObserverDescriptor;
 use bevy::ecs::query::Allow;
+use bevy::ecs::relationship::RelationshipAccessor;
 use bevy::ecs::resource::IsResource;
 use bevy::ecs::system::SystemIdMarker;
 use bevy::prelude::*;
-use bevy::ptr::OwningPtr;
+use bevy::ptr::{OwningPtr, Ptr};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::alloc::Layout;
 use std::collections::BTreeSet;
 use std::ptr::NonNull;
 
+use crate::model::entity_refs::{CaptureMapper, RestoreMapper};
 use crate::model::ids::{ModelId, ModelIdAllocator};
 use crate::model::persist::PersistState;
-use crate::model::registry::{ModelRegistry, encode_into};
+use crate::model::registry::{DecodedResource, ModelRegistry, encode_into};
 use crate::model::rng::ModelRng;
 use crate::model::runtime::{ModelViews, SnapshotBook};
 use crate::model::time::{FutureQueue, ModelTime};
@@ -184,7 +191,11 @@ fn capture_impl(
         query.iter(world).map(|(entity, id)| (*id, entity)).collect()
     };
     entities.sort_unstable_by_key(|(id, _)| *id);
+    // From here the world is only read through shared references, except that each value's
+    // `Entity` values are mapped to their canonical form in place and back while it is encoded
+    // (`encode_ptr`): this function holds the world exclusively, so nothing else can see that.
     let world: &World = world;
+    let mut mapper = CaptureMapper::new(world, &entities);
 
     let mut out = Vec::with_capacity(64 + entities.len() * 32);
     out.extend_from_slice(MAGIC);
@@ -210,7 +221,8 @@ fn capture_impl(
     for entry in &registry.resources {
         let at = out.len();
         out.push(0);
-        if (entry.encode)(world, &mut out).map_err(encode_err(entry.name))? {
+        // SAFETY: this function holds the world exclusively; no reference to a resource is alive.
+        if unsafe { (entry.encode)(world, &mut out, &mut mapper) }.map_err(encode_err(entry.name))? {
             out[at] = 1;
         }
         if with_parts {
@@ -233,7 +245,7 @@ fn capture_impl(
         (Vec::new(), Vec::new())
     };
     encode_into(&(entities.len() as u64), &mut out).map_err(encode_err("the entity count"))?;
-    for (id, entity) in entities {
+    for &(id, entity) in &entities {
         let entity = world.entity(entity);
         let archetype = entity.archetype();
         let index = archetype.id().index();
@@ -251,8 +263,9 @@ fn capture_impl(
             let entry = &registry.components[i];
             let value_at = out.len();
             let value = entity.get_by_id(component).expect("the archetype holds the component");
-            // SAFETY: `component` is the id of `entry`'s type in this world.
-            unsafe { (entry.encode_ptr)(value, &mut out) }.map_err(encode_err(entry.name))?;
+            // SAFETY: `component` is the id of `entry`'s type in this world, which this function
+            // holds exclusively; no reference to the value is alive.
+            unsafe { (entry.encode_ptr)(value, &mut out, &mut mapper) }.map_err(encode_err(entry.name))?;
             if with_parts {
                 component_parts[i].extend_from_slice(&out[value_at..]);
             }
@@ -264,7 +277,68 @@ fn capture_impl(
             parts.push((format!("component {}", entry.name), Sha256::digest(&bytes).into()));
         }
     }
+
+    // The order of each relationship's targets (`Children`), which the rebuild reproduces: only
+    // in snapshots of models that register a relationship.
+    for (entry, id) in registry.components.iter().zip(&ids) {
+        if !entry.relationship {
+            continue;
+        }
+        let orders = relationship_orders(world, *id, &entities, &mut mapper);
+        let at = out.len();
+        encode_into(&orders, &mut out).map_err(encode_err("a relationship order"))?;
+        if with_parts {
+            parts.push((format!("relationship order {}", entry.name), Sha256::digest(&out[at..]).into()));
+        }
+    }
     Ok((out, parts))
+}
+
+/// Lists the sources of a relationship target (Bevy's type-erased `RelationshipTarget::iter`).
+///
+/// # Safety
+/// The pointer must point to a value of the target component the function was found for.
+pub(crate) type SourcesOf = for<'a> unsafe fn(Ptr<'a>) -> Box<dyn Iterator<Item = Entity> + 'a>;
+
+/// The target component of the relationship component `relationship` (`Children` for `ChildOf`),
+/// and how to list a target's sources in order; `None` while the world has no value of either.
+pub(crate) fn relationship_target(
+    world: &World,
+    relationship: Option<ComponentId>,
+) -> Option<(ComponentId, SourcesOf)> {
+    let components = world.components();
+    let Some(RelationshipAccessor::Relationship { relationship_target, .. }) =
+        components.get_info(relationship?)?.relationship_accessor()
+    else {
+        return None;
+    };
+    match components.get_info(*relationship_target)?.relationship_accessor() {
+        Some(RelationshipAccessor::RelationshipTarget { iter, .. }) => Some((*relationship_target, *iter)),
+        _ => None,
+    }
+}
+
+/// Each target entity of one relationship with two sources or more, by position, and its
+/// sources in the target's order, by position (the canonical forms' indices).
+type RelationshipOrders = Vec<(u32, Vec<u32>)>;
+
+fn relationship_orders(
+    world: &World,
+    relationship: Option<ComponentId>,
+    entities: &[(ModelId, Entity)],
+    mapper: &mut CaptureMapper,
+) -> RelationshipOrders {
+    let Some((target, iter)) = relationship_target(world, relationship) else { return Vec::new() };
+    let mut orders = Vec::new();
+    for (position, &(_, entity)) in entities.iter().enumerate() {
+        let Ok(sources) = world.entity(entity).get_by_id(target) else { continue };
+        // SAFETY: `sources` points to a value of `target`, the component this accessor belongs to.
+        let sources: Vec<u32> = unsafe { iter(sources) }.map(|source| mapper.canonical(source).index_u32()).collect();
+        if sources.len() >= 2 {
+            orders.push((position as u32, sources));
+        }
+    }
+    orders
 }
 
 /// Which registered components the entities of one archetype have: their presence mask as the
@@ -331,12 +405,18 @@ fn restore_contents(bytes: &[u8], world: &mut World, registry: &ModelRegistry) -
     world.insert_resource(SnapshotBook { rebuilding: true, ..state.book });
     world.insert_resource(state.persist);
 
+    // Resources are decoded first and inserted once the entities they may refer to exist.
+    let mut resources: Vec<Option<DecodedResource>> = Vec::with_capacity(registry.resources.len());
     for entry in &registry.resources {
         let (&present, after) = rest.split_first().ok_or_else(|| SnapshotError::Foreign("truncated".into()))?;
         rest = after;
         match present {
-            0 => (entry.remove)(world),
-            1 => rest = (entry.insert)(rest, world).map_err(decode_err(entry.name))?,
+            0 => resources.push(None),
+            1 => {
+                let (value, after) = (entry.decode)(rest).map_err(decode_err(entry.name))?;
+                resources.push(Some(value));
+                rest = after;
+            }
             _ => return Err(SnapshotError::Foreign(format!("bad presence byte for {}", entry.name))),
         }
     }
@@ -345,18 +425,33 @@ fn restore_contents(bytes: &[u8], world: &mut World, registry: &ModelRegistry) -
     rest = after;
     let mask_len = registry.components.len().div_ceil(8);
     // Each entity takes at least a byte, so the count can be checked before allocating anything.
-    if count as usize > rest.len() {
-        return Err(SnapshotError::Foreign(format!("claims {count} entities in {} bytes", rest.len())));
+    let count = match u32::try_from(count) {
+        Ok(count) if count as usize <= rest.len() => count,
+        _ => return Err(SnapshotError::Foreign(format!("claims {count} entities in {} bytes", rest.len()))),
+    };
+    // Every entity is allocated before any value is decoded, so that an `Entity` in a value maps
+    // to its referent wherever that is in the order (see `model::entity_refs`).
+    let entities: Vec<Entity> = world.entity_allocator().alloc_many(count).collect();
+    let mut mapper = RestoreMapper::new(&entities);
+    for (entry, value) in registry.resources.iter().zip(resources) {
+        match value {
+            None => (entry.remove)(world),
+            Some(value) => (entry.insert)(value, world, &mut mapper),
+        }
     }
+
     // Each entity is decoded into a scratch row (slot 0: its ModelId, slot 1 + i: the registry's
     // component i) and inserted whole: one archetype move per entity, into its final archetype.
+    // Relationship components wait (their bytes are kept) until every row is in.
     let model_id = world.register_component::<ModelId>();
     let component_ids: Vec<ComponentId> = registry.components.iter().map(|entry| (entry.register)(world)).collect();
     let scratch =
         ScratchRow::new(std::iter::once(Layout::new::<ModelId>()).chain(registry.components.iter().map(|c| c.layout)));
     let mut row_ids: Vec<ComponentId> = Vec::with_capacity(component_ids.len() + 1);
     let mut row_entries: Vec<usize> = Vec::with_capacity(component_ids.len());
-    for _ in 0..count {
+    // Per registered relationship type: (entity position, its encoded value), in entity order.
+    let mut relations: Vec<Vec<(u32, &[u8])>> = vec![Vec::new(); registry.components.len()];
+    for (position, &entity) in entities.iter().enumerate() {
         let (raw_id, after) = postcard::take_from_bytes::<u64>(rest).map_err(decode_err("a model id"))?;
         if after.len() < mask_len || raw_id == 0 {
             return Err(SnapshotError::Foreign("truncated entity".into()));
@@ -371,23 +466,78 @@ fn restore_contents(bytes: &[u8], world: &mut World, registry: &ModelRegistry) -
             if mask[i / 8] & (1 << (i % 8)) == 0 {
                 continue;
             }
+            let value_bytes = values;
             // SAFETY: slot 1 + i has the layout of entry i's type and holds no live value.
-            if let Err(error) = unsafe { (entry.decode_into)(&mut values, scratch.slot(1 + i)) } {
+            if let Err(error) = unsafe { (entry.decode_into)(&mut values, scratch.slot(1 + i), &mut mapper) } {
                 for &j in &row_entries {
                     // SAFETY: slot 1 + j holds the value decoded above, which is not used again.
                     unsafe { (registry.components[j].drop_in_place)(scratch.slot(1 + j)) };
                 }
                 return Err(decode_err(entry.name)(error));
             }
+            if entry.relationship {
+                // Decoded to check it and find its end; inserted again from its bytes below.
+                // SAFETY: slot 1 + i holds the value just decoded, which is not used again.
+                unsafe { (entry.drop_in_place)(scratch.slot(1 + i)) };
+                let len = value_bytes.len() - values.len();
+                relations[i].push((position as u32, &value_bytes[..len]));
+                continue;
+            }
             row_ids.push(component_ids[i]);
             row_entries.push(i);
         }
         rest = values;
         let slots = std::iter::once(0).chain(row_entries.iter().map(|i| 1 + i));
-        // SAFETY: each id in `row_ids` is the id in this world of the type whose value the
-        // matching slot holds (in the same order); the row moves those values out of the slots.
-        unsafe {
-            world.spawn_empty().insert_by_ids(&row_ids, slots.map(|slot| OwningPtr::new(scratch.slot(slot))));
+        // SAFETY: each slot holds a value decoded above, which the row moves out (or the arm
+        // below drops).
+        let row = slots.map(|slot| unsafe { OwningPtr::new(scratch.slot(slot)) });
+        match world.spawn_empty_at(entity) {
+            // SAFETY: each id in `row_ids` is the id in this world of the type whose value the
+            // matching slot holds (in the same order); the row moves those values out of the slots.
+            Ok(mut spawned) => unsafe {
+                spawned.insert_by_ids(&row_ids, row);
+            },
+            Err(error) => {
+                for &j in &row_entries {
+                    // SAFETY: slot 1 + j holds a value decoded above, which is not used again.
+                    unsafe { (registry.components[j].drop_in_place)(scratch.slot(1 + j)) };
+                }
+                return Err(SnapshotError::Foreign(format!("cannot spawn a restored entity: {error}")));
+            }
+        }
+    }
+
+    // Relationship components, in the order their targets listed their sources (their hooks
+    // rebuild the targets, like `Children`, in that order), then any others in entity order.
+    for (i, entry) in registry.components.iter().enumerate() {
+        if !entry.relationship {
+            continue;
+        }
+        let (orders, after) =
+            postcard::take_from_bytes::<RelationshipOrders>(rest).map_err(decode_err("a relationship order"))?;
+        rest = after;
+        let pending = &relations[i];
+        let mut inserted = vec![false; pending.len()];
+        let listed = orders.iter().flat_map(|(_, sources)| sources.iter().copied());
+        let order = listed.filter_map(|position| pending.binary_search_by_key(&position, |(p, _)| *p).ok());
+        for at in order.chain(0..pending.len()).collect::<Vec<_>>() {
+            if std::mem::replace(&mut inserted[at], true) {
+                continue;
+            }
+            let (position, mut value) = pending[at];
+            // SAFETY: slot 1 + i has the layout of entry i's type and holds no live value.
+            unsafe { (entry.decode_into)(&mut value, scratch.slot(1 + i), &mut mapper) }
+                .map_err(decode_err(entry.name))?;
+            match world.get_entity_mut(entities[position as usize]) {
+                // SAFETY: `component_ids[i]` is the id of the type whose value the slot holds; the
+                // insert moves it out.
+                Ok(mut source) => unsafe {
+                    source.insert_by_id(component_ids[i], OwningPtr::new(scratch.slot(1 + i)));
+                },
+                // A hook despawned it meanwhile: the value goes.
+                // SAFETY: the slot holds the value just decoded, which is not used again.
+                Err(_) => unsafe { (entry.drop_in_place)(scratch.slot(1 + i)) },
+            }
         }
     }
     if !rest.is_empty() {
@@ -760,6 +910,69 @@ mod tests {
         assert!(!rebuilding(&world));
         drop(world);
         assert_eq!(DROPPED.load(Ordering::SeqCst) - before, 2);
+    }
+
+    /// Points at another model entity.
+    #[derive(Component, Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+    struct Link(#[entities] Entity);
+
+    fn linked(app: &mut ModelApp) {
+        app.register_component::<Pos>().register_component::<Link>().register_component::<ChildOf>();
+    }
+
+    /// Six model entities (`ModelId` 1 to 6) spawned in `order` after `junk` entities came and
+    /// went: each links to the next (6 to an entity that is gone), 3 and 2 are children of 1 in
+    /// that order, 5 of 4. Returns the entities by `ModelId` - 1.
+    fn fill(world: &mut World, order: &[u64], junk: usize) -> Vec<Entity> {
+        for _ in 0..junk {
+            let entity = world.spawn_empty().id();
+            world.despawn(entity);
+        }
+        let mut entities = vec![Entity::PLACEHOLDER; 6];
+        for &id in order {
+            entities[id as usize - 1] = world.spawn((ModelId::from_raw(id), Pos(id as f32, 0.0))).id();
+        }
+        let gone = world.spawn_empty().id();
+        world.despawn(gone);
+        for id in 0..6 {
+            let target = if id == 5 { gone } else { entities[id + 1] };
+            world.entity_mut(entities[id]).insert(Link(target));
+        }
+        for (child, parent) in [(2, 0), (1, 0), (4, 3)] {
+            world.entity_mut(entities[child]).insert(ChildOf(entities[parent]));
+        }
+        world.flush();
+        entities
+    }
+
+    #[test]
+    fn entity_references_encode_the_same_whatever_the_allocation_history() {
+        let (mut a, registry) = {
+            let app = ModelApp::build(SETTINGS, &linked);
+            (app.world, app.registry)
+        };
+        let mut b = ModelApp::build(SETTINGS, &linked).world;
+        let in_a = fill(&mut a, &[1, 2, 3, 4, 5, 6], 0);
+        let in_b = fill(&mut b, &[6, 5, 4, 3, 2, 1], 5);
+        assert_ne!(in_a, in_b, "the two worlds should number their entities differently");
+        let bytes = capture(&mut a, &registry).expect("encodes");
+        assert_eq!(capture_with_parts(&mut b, &registry).expect("encodes").0, bytes);
+        // Capture left the values as they were.
+        assert_eq!(a.get::<Link>(in_a[0]), Some(&Link(in_a[1])));
+        assert_eq!(b.get::<ChildOf>(in_b[4]), Some(&ChildOf(in_b[3])));
+
+        let (mut rebuilt, _) = rebuilt(&linked, &bytes);
+        assert_eq!(capture(&mut rebuilt, &registry).expect("encodes"), bytes);
+        let mut by_id: Vec<_> = model_entities(&mut rebuilt).into_iter().map(|(entity, id)| (id, entity)).collect();
+        by_id.sort();
+        let entity = |id: usize| by_id[id].1;
+        for id in 0..5 {
+            assert_eq!(rebuilt.get::<Link>(entity(id)), Some(&Link(entity(id + 1))));
+        }
+        assert_eq!(rebuilt.get::<Link>(entity(5)), Some(&Link(Entity::PLACEHOLDER)));
+        assert_eq!(rebuilt.get::<Children>(entity(0)).map(|c| c.to_vec()), Some(vec![entity(2), entity(1)]));
+        assert_eq!(rebuilt.get::<Children>(entity(3)).map(|c| c.to_vec()), Some(vec![entity(4)]));
+        assert_eq!(rebuilt.get::<ChildOf>(entity(1)), Some(&ChildOf(entity(0))));
     }
 
     #[test]

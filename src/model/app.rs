@@ -124,7 +124,52 @@ impl ModelApp {
 
     /// Registers a component type as model state: it is part of every snapshot, and entities that
     /// have it get a [`ModelId`].
+    ///
+    /// `Entity` values in it survive snapshot points when Bevy's entity mapping can reach them:
+    /// fields marked `#[entities]` in `#[derive(Component)]`, or `#[component(map_entities)]`.
+    /// A relationship (`ChildOf`, or your own `#[relationship(relationship_target = …)]`) is
+    /// registered like any component; its target (`Children`) is rebuilt from it, in the same
+    /// order. See `docs/determinism.md` ("Entities in model state").
+    ///
+    /// ```
+    /// use bevy::prelude::*;
+    /// use bevy_synq::prelude::*;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Component, Serialize, Deserialize)]
+    /// struct Hp(u32);
+    ///
+    /// /// Points at another model entity; `#[entities]` keeps it pointing there.
+    /// #[derive(Component, Serialize, Deserialize)]
+    /// struct Target(#[entities] Entity);
+    ///
+    /// fn model(model: &mut ModelApp) {
+    ///     model
+    ///         .register_component::<Hp>()
+    ///         .register_component::<Target>()
+    ///         .register_component::<ChildOf>()
+    ///         .add_systems(ModelInit, |mut commands: Commands| {
+    ///             let ship = commands.spawn(Hp(10)).id();
+    ///             commands.spawn((Hp(1), ChildOf(ship)));
+    ///             commands.spawn((Hp(5), Target(ship)));
+    ///         });
+    /// }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `T` is the target side of a relationship (like `Children`): it is derived from the
+    /// relationship components pointing at it; register the relationship (like `ChildOf`).
+    /// bevy_synq tells the two sides apart as Bevy's derives make them: a relationship is
+    /// immutable, its target mutable.
     pub fn register_component<T: Component + Serialize + DeserializeOwned>(&mut self) -> &mut Self {
+        assert!(
+            !super::registry::is_relationship_target::<T>(),
+            "bevy_synq: {} is the target side of a relationship (like `Children`); the model world \
+             rebuilds it from the relationship components that point at it. Register the \
+             relationship component (like `ChildOf`) instead.",
+            std::any::type_name::<T>()
+        );
         if self.registry.component::<T>() {
             self.world.register_component::<T>();
             self.world.register_required_components::<T, ModelId>();

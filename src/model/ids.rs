@@ -4,6 +4,8 @@
 //! the canonical snapshot at each snapshot point, which renumbers entities. Every model entity
 //! therefore carries a [`ModelId`], handed out by a counter that is part of the snapshot. Views
 //! and events refer to model entities by `ModelId`; [`ModelEntities`] finds the current `Entity`.
+//! Inside the model, components and resources may hold `Entity` values that Bevy's entity
+//! mapping reaches (`#[entities]` fields, `ChildOf`): the rebuild maps them.
 
 use bevy::ecs::lifecycle::HookContext;
 use bevy::ecs::world::DeferredWorld;

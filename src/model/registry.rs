@@ -4,7 +4,7 @@
 //! at compile time, and what lets the runtime decode view events and timers. Its order is fixed by
 //! the app's [`ModelPlugin`](crate::ModelPlugin) and is part of the model code hash.
 
-use bevy::ecs::component::ComponentId;
+use bevy::ecs::component::{ComponentId, ComponentMutability};
 use bevy::ecs::world::EntityRef;
 use bevy::prelude::*;
 use bevy::ptr::Ptr;
@@ -15,9 +15,21 @@ use std::any::{Any, TypeId, type_name};
 use std::ptr::NonNull;
 use synq_protocol::ViewId;
 
+use super::entity_refs::{CaptureMapper, RestoreMapper};
 use super::events::FromView;
 
-pub(crate) type DecodeResult<'a> = Result<&'a [u8], postcard::Error>;
+/// Whether `T` is the source side of a relationship (`ChildOf`, a type with
+/// `#[relationship(relationship_target = …)]`): Bevy's derive makes those immutable, and their
+/// targets (`Children`) mutable.
+pub(crate) fn is_relationship<T: Component>() -> bool {
+    T::relationship_accessor().is_some() && !<T::Mutability as ComponentMutability>::MUTABLE
+}
+
+/// Whether `T` is the target side of a relationship (`Children`, a type with
+/// `#[relationship_target(relationship = …)]`).
+pub(crate) fn is_relationship_target<T: Component>() -> bool {
+    T::relationship_accessor().is_some() && <T::Mutability as ComponentMutability>::MUTABLE
+}
 
 /// Encodes and restores one registered component type.
 pub(crate) struct ComponentEntry {
@@ -29,22 +41,27 @@ pub(crate) struct ComponentEntry {
     pub layout: Layout,
     /// Registers the type in a world (a no-op if it is) and returns its id there.
     pub register: fn(&mut World) -> ComponentId,
-    /// Appends the encoding of the value behind the pointer.
+    /// Appends the canonical encoding of the value behind the pointer: its `Entity` values mapped
+    /// to their canonical form (see [`super::entity_refs`]) in place, then back.
     ///
     /// # Safety
-    /// The pointer must point to a value of this entry's type.
-    pub encode_ptr: unsafe fn(Ptr<'_>, &mut Vec<u8>) -> Result<(), postcard::Error>,
-    /// Decodes one value from the front of the bytes (advancing them) and writes it to `dst`,
-    /// without dropping what was there.
+    /// The pointer must point to a value of this entry's type, in a world the caller holds
+    /// exclusively (the value is changed, then changed back), with no reference to it alive.
+    pub encode_ptr: unsafe fn(Ptr<'_>, &mut Vec<u8>, &mut CaptureMapper) -> Result<(), postcard::Error>,
+    /// Decodes one value from the front of the bytes (advancing them), maps its `Entity` values
+    /// from their canonical form, and writes it to `dst`, without dropping what was there.
     ///
     /// # Safety
     /// `dst` must be valid for writes of this entry's type and aligned for it.
-    pub decode_into: unsafe fn(&mut &[u8], NonNull<u8>) -> Result<(), postcard::Error>,
+    pub decode_into: unsafe fn(&mut &[u8], NonNull<u8>, &mut RestoreMapper) -> postcard::Result<()>,
     /// Drops a value `decode_into` wrote (when the rebuild stops before it could insert it).
     ///
     /// # Safety
     /// `ptr` must point to a valid value of this entry's type, which is not used afterwards.
     pub drop_in_place: unsafe fn(NonNull<u8>),
+    /// Whether the type is a relationship (like `ChildOf`): the rebuild inserts its values after
+    /// every entity's row, in the order their targets (like `Children`) list them.
+    pub relationship: bool,
 }
 
 /// Appends the postcard encoding of `value` to `out` (what `postcard::to_io` writes, without the
@@ -76,17 +93,32 @@ impl postcard::ser_flavors::Flavor for VecFlavor<'_> {
     }
 }
 
-/// See [`ComponentEntry::encode_ptr`].
-unsafe fn encode_ptr<T: Serialize>(ptr: Ptr<'_>, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
-    // SAFETY: the caller guarantees that `ptr` points to a `T`.
-    let value = unsafe { ptr.deref::<T>() };
-    encode_into(value, out)
+/// See [`ComponentEntry::encode_ptr`]. For a type without entities (`Component::map_entities`
+/// left as Bevy's default no-op) the mapping compiles to nothing.
+unsafe fn encode_ptr<T: Component + Serialize>(
+    ptr: Ptr<'_>,
+    out: &mut Vec<u8>,
+    mapper: &mut CaptureMapper,
+) -> Result<(), postcard::Error> {
+    // SAFETY: the caller guarantees that `ptr` points to a `T` in storage it holds exclusively
+    // (the pointer comes from the storage's own allocation, not from a shared reference), and
+    // that no reference to the value is alive: this is the only one until it is dropped below.
+    let value = unsafe { &mut *ptr.as_ptr().cast::<T>() };
+    T::map_entities(value, mapper);
+    let encoded = encode_into(&*value, out);
+    T::map_entities(value, &mut mapper.original());
+    encoded
 }
 
 /// See [`ComponentEntry::decode_into`].
-unsafe fn decode_into<T: DeserializeOwned>(bytes: &mut &[u8], dst: NonNull<u8>) -> Result<(), postcard::Error> {
-    let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
+unsafe fn decode_into<T: Component + DeserializeOwned>(
+    bytes: &mut &[u8],
+    dst: NonNull<u8>,
+    mapper: &mut RestoreMapper,
+) -> Result<(), postcard::Error> {
+    let (mut value, rest) = postcard::take_from_bytes::<T>(bytes)?;
     *bytes = rest;
+    T::map_entities(&mut value, mapper);
     // SAFETY: the caller guarantees that `dst` is valid for writes of a `T` and aligned.
     unsafe { dst.cast::<T>().write(value) };
     Ok(())
@@ -98,11 +130,26 @@ unsafe fn drop_in_place<T>(ptr: NonNull<u8>) {
     unsafe { ptr.cast::<T>().drop_in_place() };
 }
 
+/// A decoded resource value, waiting for the rebuild to allocate the entities it may refer to.
+pub(crate) type DecodedResource = Box<dyn Any + Send>;
+
+/// A decoded resource value and the bytes after it.
+pub(crate) type DecodedAndRest<'a> = postcard::Result<(DecodedResource, &'a [u8])>;
+
 /// Encodes and restores one registered resource type.
 pub(crate) struct ResourceEntry {
     pub name: &'static str,
-    pub encode: fn(&World, &mut Vec<u8>) -> Result<bool, postcard::Error>,
-    pub insert: for<'a> fn(&'a [u8], &mut World) -> DecodeResult<'a>,
+    /// Appends the resource's canonical encoding if the world has it; returns whether it did.
+    ///
+    /// # Safety
+    /// The caller must hold the world exclusively, with no reference to the resource alive: the
+    /// value's `Entity` values are mapped in place and back (as [`ComponentEntry::encode_ptr`]
+    /// does).
+    pub encode: unsafe fn(&World, &mut Vec<u8>, &mut CaptureMapper) -> Result<bool, postcard::Error>,
+    /// Decodes one value from the front of the bytes; returns it and the rest.
+    pub decode: for<'a> fn(&'a [u8]) -> DecodedAndRest<'a>,
+    /// Maps a decoded value's `Entity` values from their canonical form and inserts it.
+    pub insert: fn(DecodedResource, &mut World, &mut RestoreMapper),
     pub remove: fn(&mut World),
 }
 
@@ -149,6 +196,7 @@ pub(crate) struct ModelRegistry {
 }
 
 impl ModelRegistry {
+    /// Registers a component type; returns `false` if it was registered already.
     pub fn component<T: Component + Serialize + DeserializeOwned>(&mut self) -> bool {
         if self.components.iter().any(|c| c.type_id == TypeId::of::<T>()) {
             return false;
@@ -166,6 +214,7 @@ impl ModelRegistry {
             encode_ptr: encode_ptr::<T>,
             decode_into: decode_into::<T>,
             drop_in_place: drop_in_place::<T>,
+            relationship: is_relationship::<T>(),
         });
         true
     }
@@ -177,14 +226,23 @@ impl ModelRegistry {
         self.signature.push(("resource", type_name::<T>()));
         self.resources.push(ResourceEntry {
             name: type_name::<T>(),
-            encode: |world, out| match world.get_resource::<T>() {
-                Some(value) => postcard::to_io(value, out).map(|_| true),
-                None => Ok(false),
+            encode: |world, out, mapper| {
+                let Some(ptr) = world.component_id::<T>().and_then(|id| world.get_resource_by_id(id)) else {
+                    return Ok(false);
+                };
+                // SAFETY: `ptr` points to the `T` resource; the caller holds the world
+                // exclusively and no reference to the value is alive (`encode`'s contract).
+                unsafe { encode_ptr::<T>(ptr, out, mapper) }.map(|()| true)
             },
-            insert: |bytes, world| {
+            decode: |bytes| {
                 let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
-                world.insert_resource(value);
-                Ok(rest)
+                Ok((Box::new(value) as DecodedResource, rest))
+            },
+            insert: |value, world, mapper| {
+                if let Ok(mut value) = value.downcast::<T>() {
+                    T::map_entities(&mut *value, mapper);
+                    world.insert_resource(*value);
+                }
             },
             remove: |world| {
                 world.remove_resource::<T>();

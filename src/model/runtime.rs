@@ -595,6 +595,15 @@ impl ModelRuntime {
         let model_id = components.component_id::<ModelId>();
         let internal_marker = components.component_id::<snapshot::ModelInternal>();
         let registered: Vec<_> = self.registry.components.iter().filter_map(|c| components.get_id(c.type_id)).collect();
+        // Targets of registered relationships (`Children` for `ChildOf`) are rebuilt from them.
+        let derived: Vec<_> = self
+            .registry
+            .components
+            .iter()
+            .filter(|c| c.relationship)
+            .filter_map(|c| snapshot::relationship_target(&self.world, components.get_id(c.type_id)))
+            .map(|(target, _)| target)
+            .collect();
         let name = |id| components.get_name(id).map(|n| n.to_string()).unwrap_or_else(|| format!("{id:?}"));
         let mut unregistered = BTreeSet::new();
         let mut untracked = BTreeSet::new();
@@ -629,6 +638,7 @@ impl ModelRuntime {
                 for id in archetype.iter_components() {
                     if Some(id) != model_id
                         && !registered.contains(&id)
+                        && !derived.contains(&id)
                         && let Some(name) = components.get_name(id)
                     {
                         unregistered.insert(name.to_string());
