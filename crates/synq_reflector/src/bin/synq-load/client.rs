@@ -14,7 +14,7 @@ use synq_protocol::codec;
 use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, Challenge, MemberSignature};
-use synq_protocol::udp::{CHANNEL, connection_config};
+use synq_protocol::udp::{CHANNEL, connection_config, enlarge_socket_buffers};
 use synq_protocol::wire::{
     ClientMessage, EventBody, HashVote, ServerMessage, SnapshotRecord, StampedEvent, VotePurpose,
 };
@@ -122,6 +122,11 @@ struct LoadClient {
 impl LoadClient {
     fn connect(args: &Args, addr: SocketAddr, index: u32, run: u64) -> Result<Self, String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+        // The same socket buffers as a real client's network thread (a scheduling gap of the
+        // tool's threads would otherwise drop datagrams at the default ≈ 208 KiB).
+        if let Some((option, e)) = enlarge_socket_buffers(&socket).into_iter().next() {
+            return Err(format!("{option}: {e}"));
+        }
         #[cfg(unix)]
         let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
