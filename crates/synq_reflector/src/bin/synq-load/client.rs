@@ -24,7 +24,8 @@ use crate::args::Args;
 /// Bytes of each payload taken by the measurement header (sender, event number, send time).
 const HEADER_BYTES: usize = 16;
 
-/// How long connecting and joining every client may take.
+/// How long connecting and joining every client may take (ten times as long under callgrind,
+/// where the reflector checks each join's signature 30-50× slower).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The record of one event: written by its sender, updated by every receiver.
@@ -405,7 +406,8 @@ pub(crate) fn client_thread(
             }
         }
     }
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let connect_timeout = if args.callgrind { CONNECT_TIMEOUT * 10 } else { CONNECT_TIMEOUT };
+    let deadline = Instant::now() + connect_timeout;
     while stats.failure.is_none() && !shared.abort.load(Ordering::Relaxed) {
         let mut all = true;
         for client in &mut clients {
@@ -422,7 +424,7 @@ pub(crate) fn client_thread(
         }
         if Instant::now() > deadline {
             let missing = clients.iter().filter(|c| !c.synced).count();
-            stats.failure = Some(format!("{missing} clients did not connect and join within {CONNECT_TIMEOUT:?}"));
+            stats.failure = Some(format!("{missing} clients did not connect and join within {connect_timeout:?}"));
             shared.abort.store(true, Ordering::Relaxed);
             break;
         }

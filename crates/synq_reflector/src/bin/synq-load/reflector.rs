@@ -51,6 +51,10 @@ impl Spawned {
         if rate > ReflectorConfig::default().max_events_per_second as f64 {
             flags.push(("--max-events-per-second", HIGH_EVENT_LIMIT.max(rate.ceil() as u32 * 2).to_string()));
         }
+        if callgrind.is_some() {
+            // Joins wait far longer for a reflector under valgrind.
+            flags.push(("--join-timeout-ms", "600000".into()));
+        }
         let mut command = match callgrind {
             Some(callgrind) => callgrind.command(&exe),
             None => Command::new(&exe),
