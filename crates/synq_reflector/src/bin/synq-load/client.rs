@@ -74,6 +74,8 @@ pub(crate) struct ThreadStats {
     /// Sends more than 1 ms late.
     pub(crate) late_sends: u64,
     pub(crate) snapshots_uploaded: u64,
+    /// Connection attempts that failed while connecting and were tried again.
+    pub(crate) connect_retries: u64,
     pub(crate) failure: Option<String>,
 }
 
@@ -105,6 +107,8 @@ struct LoadClient {
     fd: std::os::fd::RawFd,
     /// Global index: the sender id in payloads and the row of the table.
     index: u32,
+    /// How many connection attempts failed before this one.
+    attempt: u8,
     session: SessionId,
     view: ViewId,
     last_update: Instant,
@@ -121,7 +125,8 @@ struct LoadClient {
 }
 
 impl LoadClient {
-    fn connect(args: &Args, addr: SocketAddr, index: u32, run: u64) -> Result<Self, String> {
+    /// Starts connecting client `index` of run `run` (its `attempt`-th try).
+    fn connect(args: &Args, addr: SocketAddr, index: u32, run: u64, attempt: u8) -> Result<Self, String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
         // The same socket buffers as a real client's network thread (a scheduling gap of the
         // tool's threads would otherwise drop datagrams at the default ≈ 208 KiB).
@@ -133,7 +138,7 @@ impl LoadClient {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let auth = ClientAuthentication::Unsecure {
             protocol_id: args.protocol_id,
-            client_id: run.wrapping_add(index as u64),
+            client_id: run | (attempt as u64) << 32 | index as u64,
             server_addr: addr,
             user_data: None,
         };
@@ -148,6 +153,7 @@ impl LoadClient {
             #[cfg(unix)]
             fd,
             index,
+            attempt,
             session: SessionId(id),
             view: ViewId(index as u64 % args.clients as u64 + 1),
             last_update: Instant::now(),
@@ -394,24 +400,50 @@ pub(crate) fn client_thread(
 ) -> ThreadStats {
     let mut stats = ThreadStats::default();
     let limits = Limits::default();
-    // Connect and join.
+    // Connect and join. Under callgrind a few clients at a time: a reflector under valgrind
+    // cannot finish hundreds of simultaneous netcode handshakes before the clients give up.
+    let max_joining = if args.callgrind { 4 } else { usize::MAX };
     let mut clients = Vec::with_capacity(indices.len());
-    for &index in &indices {
-        match LoadClient::connect(&args, addr, index, run) {
-            Ok(client) => clients.push(client),
-            Err(e) => {
-                stats.failure = Some(format!("client {index}: {e}"));
-                shared.abort.store(true, Ordering::Relaxed);
-                break;
-            }
-        }
-    }
+    let mut to_start = indices.iter().copied().peekable();
     let connect_timeout = if args.callgrind { CONNECT_TIMEOUT * 10 } else { CONNECT_TIMEOUT };
     let deadline = Instant::now() + connect_timeout;
     while stats.failure.is_none() && !shared.abort.load(Ordering::Relaxed) {
-        let mut all = true;
+        let mut joining = clients.iter().filter(|c: &&LoadClient| !c.synced).count();
+        while joining < max_joining
+            && let Some(index) = to_start.next()
+        {
+            match LoadClient::connect(&args, addr, index, run, 0) {
+                Ok(client) => clients.push(client),
+                Err(e) => {
+                    stats.failure = Some(format!("client {index}: {e}"));
+                    shared.abort.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+            joining += 1;
+        }
+        if stats.failure.is_some() {
+            break;
+        }
+        let mut all = to_start.peek().is_none();
         for client in &mut clients {
             client.update(&mut stats);
+            if client.dead && client.attempt < u8::MAX {
+                // netcode gave up on this attempt (a reflector under valgrind may answer too
+                // late): it is not a disconnection of the run; try again with a new socket.
+                stats.disconnected -= 1;
+                stats.connect_retries += 1;
+                match LoadClient::connect(&args, addr, client.index, run, client.attempt + 1) {
+                    Ok(retry) => *client = retry,
+                    Err(e) => {
+                        stats.failure = Some(format!("client {}: {e}", client.index));
+                        shared.abort.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                all = false;
+                continue;
+            }
             if client.renet.is_connected() && !client.synced {
                 // The join leaves in answer to the reflector's challenge.
                 client.receive(&shared, 0, &mut stats, &limits);
@@ -423,8 +455,13 @@ pub(crate) fn client_thread(
             break;
         }
         if Instant::now() > deadline {
-            let missing = clients.iter().filter(|c| !c.synced).count();
-            stats.failure = Some(format!("{missing} clients did not connect and join within {connect_timeout:?}"));
+            let missing = clients.iter().filter(|c| !c.synced).count() + to_start.count();
+            let connected = clients.iter().filter(|c| !c.synced && c.renet.is_connected()).count();
+            stats.failure = Some(format!(
+                "{missing} clients did not connect and join within {connect_timeout:?} ({connected} of them \
+                 connected but not joined; {} connection attempts retried; errors from the reflector: {:?})",
+                stats.connect_retries, stats.errors
+            ));
             shared.abort.store(true, Ordering::Relaxed);
             break;
         }

@@ -87,7 +87,7 @@ pub(crate) fn run(args: &Args, open_files: Option<u64>, label: &str) -> Result<R
     });
     let run_id = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
         ^ ((std::process::id() as u64) << 40);
-    let run_id = run_id & !0xFFFF; // room for the client index in netcode ids
+    let run_id = run_id & !0xFF_FFFF_FFFF; // room for the attempt and the client index in netcode ids
     let threads = args.threads.min(total);
     let barrier = Arc::new(Barrier::new(threads as usize + 1));
     let connect_start = Instant::now();
@@ -191,6 +191,7 @@ pub(crate) fn run(args: &Args, open_files: Option<u64>, label: &str) -> Result<R
         stats.max_send_lag = stats.max_send_lag.max(s.max_send_lag);
         stats.late_sends += s.late_sends;
         stats.snapshots_uploaded += s.snapshots_uploaded;
+        stats.connect_retries += s.connect_retries;
     }
     let reflector_exit = spawned.as_mut().map(|s| match s.stop() {
         Some(status) if status.success() => "stopped gracefully".to_string(),

@@ -12,7 +12,15 @@
 //! synq-load --spawn --sessions 1 --clients 32 --rate 200 --seconds 10
 //! # against a running reflector (give its pid to get its CPU use)
 //! synq-load --reflector 127.0.0.1:5800 --reflector-pid 1234 --sessions 100 --clients 4
+//! # idle sessions (no events): reflector CPU and resident memory per session
+//! synq-load --spawn -s 500 -n 2 -e 0
+//! # the standard matrix, one Markdown table (see below)
+//! synq-load --matrix
 //! ```
+//!
+//! Sources: `args.rs` (options), `client.rs` (the simulated clients and their threads), `load.rs`
+//! (one run), `report.rs` (its figures and output), `matrix.rs` (`--matrix`), `reflector.rs` (the
+//! spawned reflector), `callgrind.rs` (`--callgrind`), `system.rs` (/proc, open-file limit).
 //!
 //! The run is: connect and join every client, `--warmup` seconds of load that are not measured,
 //! `--seconds` of measured load, then at most `--drain-ms` for the last events to arrive. Events
@@ -29,7 +37,7 @@
 //!
 //! Events that some client of the session has not received by the end are reported as
 //! `incomplete` (they are not in the percentiles); a run with incomplete events, errors or
-//! disconnections did not sustain its load. The clients answer the reflector's snapshot requests
+//! disconnections did not sustain its load; the exit status is then 2. The clients answer the reflector's snapshot requests
 //! (hash vote, and a small sealed snapshot when elected), so long runs do not fill its buffer.
 //!
 //! Loopback only, bounded: the tool stops by itself and stops the reflector it spawned. The summary
@@ -38,7 +46,10 @@
 //!
 //! A spawned reflector gets `--max-clients`, `--max-connections-per-ip` and
 //! `--max-sessions-per-origin` sized for the run, and `--max-events-per-second=10000` when `E` is
-//! above its default limit (60/s per client); a `--reflector-arg` naming the same flag wins.
+//! above its default limit (60/s per client); a `--reflector-arg` naming the same flag wins. The
+//! clients' sockets get the same 4 MiB buffers as a real client's. A client whose connection
+//! attempt netcode gives up on is tried again (counted in the summary) until the connect deadline
+//! (20 s; 200 s under `--callgrind`).
 //!
 //! # Limits
 //!
@@ -94,7 +105,10 @@
 //! cost also shrinks under valgrind (fewer wake-ups per second), so instructions per delivery at
 //! very low rates are a lower bound. Callgrind's files are kept (`--callgrind-dir`, default the temp
 //! dir) for `callgrind_annotate`; memory figures under callgrind are valgrind's, not the
-//! reflector's.
+//! reflector's. Joins are slow under valgrind (hundreds of ms each), so the reflector also gets
+//! `--join-timeout-ms=600000`. Instructions per delivery include the loop's fixed cost (wake-ups,
+//! heartbeat ticks: the idle run's figure); the marginal cost of a delivery is the difference
+//! between a loaded run and an idle run of the same S × N, divided by the deliveries.
 //!
 //! ```text
 //! synq-load --spawn --callgrind -s 1 -n 2 -e 20

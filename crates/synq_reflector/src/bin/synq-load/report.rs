@@ -178,7 +178,8 @@ impl Report {
             ),
         };
         format!(
-            "synq-load: S={} N={} E={}/s payload={}B {secs:.0}s (+{}s warm-up) on {} cpus: joined in {:.2?}, sent {} ({:.0}/s), \
+            "synq-load: S={} N={} E={}/s payload={}B {secs:.0}s (+{}s warm-up) on {} cpus: joined in {:.2?} ({} connection \
+             attempts retried), sent {} ({:.0}/s), \
              delivered {} ({:.0}/s, {:.1} % of offered), latency {latency}, incomplete {}, errors {} {:?}, \
              disconnected {}, reflector CPU {} ({} µs/delivery), tool CPU {}, machine busy {}, max send lag {:.2?} \
              ({} sends > 1 ms late), snapshots {}, UDP datagrams (whole machine) {udp}, {memory}{instructions}, \
@@ -190,6 +191,7 @@ impl Report {
             self.warmup,
             cpus(),
             self.connect_time,
+            self.stats.connect_retries,
             self.sent,
             self.sent as f64 / secs,
             self.deliveries,
