@@ -24,7 +24,7 @@ use crate::args::Args;
 /// Bytes of each payload taken by the measurement header (sender, event number, send time).
 const HEADER_BYTES: usize = 16;
 
-/// How long connecting and joining every client may take (ten times as long under callgrind,
+/// How long connecting and joining every client may take (30 times as long under callgrind,
 /// where the reflector checks each join's signature 30-50× slower).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -400,32 +400,22 @@ pub(crate) fn client_thread(
 ) -> ThreadStats {
     let mut stats = ThreadStats::default();
     let limits = Limits::default();
-    // Connect and join. Under callgrind a few clients at a time: a reflector under valgrind
-    // cannot finish hundreds of simultaneous netcode handshakes before the clients give up.
-    let max_joining = if args.callgrind { 4 } else { usize::MAX };
+    // Connect and join.
     let mut clients = Vec::with_capacity(indices.len());
-    let mut to_start = indices.iter().copied().peekable();
-    let connect_timeout = if args.callgrind { CONNECT_TIMEOUT * 10 } else { CONNECT_TIMEOUT };
+    for &index in &indices {
+        match LoadClient::connect(&args, addr, index, run, 0) {
+            Ok(client) => clients.push(client),
+            Err(e) => {
+                stats.failure = Some(format!("client {index}: {e}"));
+                shared.abort.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    let connect_timeout = if args.callgrind { CONNECT_TIMEOUT * 30 } else { CONNECT_TIMEOUT };
     let deadline = Instant::now() + connect_timeout;
     while stats.failure.is_none() && !shared.abort.load(Ordering::Relaxed) {
-        let mut joining = clients.iter().filter(|c: &&LoadClient| !c.synced).count();
-        while joining < max_joining
-            && let Some(index) = to_start.next()
-        {
-            match LoadClient::connect(&args, addr, index, run, 0) {
-                Ok(client) => clients.push(client),
-                Err(e) => {
-                    stats.failure = Some(format!("client {index}: {e}"));
-                    shared.abort.store(true, Ordering::Relaxed);
-                    break;
-                }
-            }
-            joining += 1;
-        }
-        if stats.failure.is_some() {
-            break;
-        }
-        let mut all = to_start.peek().is_none();
+        let mut all = true;
         for client in &mut clients {
             client.update(&mut stats);
             if client.dead && client.attempt < u8::MAX {
@@ -455,7 +445,7 @@ pub(crate) fn client_thread(
             break;
         }
         if Instant::now() > deadline {
-            let missing = clients.iter().filter(|c| !c.synced).count() + to_start.count();
+            let missing = clients.iter().filter(|c| !c.synced).count();
             let connected = clients.iter().filter(|c| !c.synced && c.renet.is_connected()).count();
             stats.failure = Some(format!(
                 "{missing} clients did not connect and join within {connect_timeout:?} ({connected} of them \

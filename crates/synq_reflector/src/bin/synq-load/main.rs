@@ -49,7 +49,7 @@
 //! above its default limit (60/s per client); a `--reflector-arg` naming the same flag wins. The
 //! clients' sockets get the same 4 MiB buffers as a real client's. A client whose connection
 //! attempt netcode gives up on is tried again (counted in the summary) until the connect deadline
-//! (20 s; 200 s under `--callgrind`).
+//! (20 s; 10 min under `--callgrind`).
 //!
 //! # Limits
 //!
