@@ -17,8 +17,8 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) spawn: bool,
     /// Extra argument for the spawned reflector (repeatable), e.g. `--reflector-arg=--idle-sleep-us=0`.
-    /// The tool itself passes `--max-clients`, `--max-connections-per-ip` and
-    /// `--max-sessions-per-origin` sized for the run, and `--max-events-per-second=10000` when the
+    /// The tool itself passes `--max-clients`, `--max-connections-per-ip`,
+    /// `--max-sessions-per-origin` sized for the run, `--join-timeout-ms`, and `--max-events-per-second=10000` when the
     /// rate is above the reflector's default limit; a flag given here replaces the tool's.
     #[arg(long = "reflector-arg", allow_hyphen_values = true)]
     pub(crate) reflector_args: Vec<String>,

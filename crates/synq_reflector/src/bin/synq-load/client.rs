@@ -39,6 +39,11 @@ pub(crate) struct Slot {
     pub(crate) receivers: AtomicU32,
 }
 
+/// How long connecting and joining every client may take.
+pub(crate) fn connect_timeout(callgrind: bool) -> Duration {
+    if callgrind { CONNECT_TIMEOUT * 30 } else { CONNECT_TIMEOUT }
+}
+
 /// What all threads share.
 pub(crate) struct Shared {
     pub(crate) epoch: Instant,
@@ -412,7 +417,7 @@ pub(crate) fn client_thread(
             }
         }
     }
-    let connect_timeout = if args.callgrind { CONNECT_TIMEOUT * 30 } else { CONNECT_TIMEOUT };
+    let connect_timeout = connect_timeout(args.callgrind);
     let deadline = Instant::now() + connect_timeout;
     while stats.failure.is_none() && !shared.abort.load(Ordering::Relaxed) {
         let mut all = true;

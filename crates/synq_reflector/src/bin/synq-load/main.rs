@@ -49,7 +49,8 @@
 //! above its default limit (60/s per client); a `--reflector-arg` naming the same flag wins. The
 //! clients' sockets get the same 4 MiB buffers as a real client's. A client whose connection
 //! attempt netcode gives up on is tried again (counted in the summary) until the connect deadline
-//! (20 s; 10 min under `--callgrind`).
+//! (20 s; 10 min under `--callgrind`), which the reflector also gets as `--join-timeout-ms` (its
+//! default, 5 s, closes connections of a thousand simultaneous joins before they are served).
 //!
 //! # Limits
 //!
@@ -105,8 +106,7 @@
 //! cost also shrinks under valgrind (fewer wake-ups per second), so instructions per delivery at
 //! very low rates are a lower bound. Callgrind's files are kept (`--callgrind-dir`, default the temp
 //! dir) for `callgrind_annotate`; memory figures under callgrind are valgrind's, not the
-//! reflector's. Joins are slow under valgrind (hundreds of ms each), so the reflector also gets
-//! `--join-timeout-ms=600000`. Instructions per delivery include the loop's fixed cost (wake-ups,
+//! reflector's. Joins are slow under valgrind (hundreds of ms each). Instructions per delivery include the loop's fixed cost (wake-ups,
 //! heartbeat ticks: the idle run's figure); the marginal cost of a delivery is the difference
 //! between a loaded run and an idle run of the same S × N, divided by the deliveries.
 //!

@@ -51,10 +51,11 @@ impl Spawned {
         if rate > ReflectorConfig::default().max_events_per_second as f64 {
             flags.push(("--max-events-per-second", HIGH_EVENT_LIMIT.max(rate.ceil() as u32 * 2).to_string()));
         }
-        if callgrind.is_some() {
-            // Joins wait far longer for a reflector under valgrind.
-            flags.push(("--join-timeout-ms", "600000".into()));
-        }
+        // A connection must join within the reflector's join timeout (5 s by default), but a
+        // thousand joins at once (or a reflector under valgrind) take longer: give it the tool's
+        // own connect deadline.
+        let connect_deadline = crate::client::connect_timeout(callgrind.is_some());
+        flags.push(("--join-timeout-ms", connect_deadline.as_millis().to_string()));
         let mut command = match callgrind {
             Some(callgrind) => callgrind.command(&exe),
             None => Command::new(&exe),
