@@ -8,6 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use synq_reflector::ReflectorConfig;
+use synq_reflector::server::MAX_CLIENTS_LIMIT;
 
 use crate::args::Args;
 use crate::callgrind::Callgrind;
@@ -43,9 +44,12 @@ impl Spawned {
         let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data_dir = std::env::temp_dir().join(format!("synq-load-{}-{run}", std::process::id()));
         let total = sessions.saturating_mul(clients).max(2);
+        // Room for connection attempts that were given up on (see `client.rs`) while the
+        // reflector still holds their slots.
+        let slots = total.saturating_mul(2).min(MAX_CLIENTS_LIMIT as u32).max(total);
         let mut flags = vec![
-            ("--max-clients", total.to_string()),
-            ("--max-connections-per-ip", total.to_string()),
+            ("--max-clients", slots.to_string()),
+            ("--max-connections-per-ip", slots.to_string()),
             ("--max-sessions-per-origin", sessions.max(1).to_string()),
         ];
         if rate > ReflectorConfig::default().max_events_per_second as f64 {
