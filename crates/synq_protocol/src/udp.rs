@@ -33,12 +33,32 @@ pub const CHANNEL_MEMORY_BYTES: usize = 64 * 1024 * 1024;
 /// and the reflector must agree on it; a mismatch looks like an unreachable server.
 pub const DEFAULT_PROTOCOL_ID: u64 = 0x5359_4e51_0000_0001;
 
-/// Bytes renet may send per connection per update. The reflector updates ≈1,000 times a second
-/// (≈16 MB/s per client); a client's network thread updates at least every millisecond or two.
-const BYTES_PER_TICK: u64 = 16 * 1024;
+/// Bytes renet may send on one connection per flush (renet's `available_bytes_per_tick`): the
+/// largest burst of datagrams one flush puts on the wire for one connection, 512 KiB.
+///
+/// renet has no congestion control: it sends what is queued, up to this, at every flush, and
+/// sends again what is not acknowledged 100 ms later. The reflector flushes a connection as soon
+/// as it queued a message for it and then at least every 20 ms (its acknowledgement flush), so
+/// this is what moves a large `Sync` (a late joiner's snapshot and the events since): 512 KiB
+/// per 20 ms is ≈ 25 MB/s, a 10k-entity `Sync` (≈ 0.3 MB) in one burst, a 100k-entity one (≈ 2.2
+/// MB) in five. (At 16 KiB, the previous value, a `Sync` moved at ≈ 0.8 MB/s.)
+///
+/// A burst must fit the receiving socket's buffer, or the rest is dropped and resent 100 ms later:
+/// both ends ask for [`SOCKET_BUFFER_BYTES`] (4 MiB, which Linux doubles for its bookkeeping,
+/// where `net.core.rmem_max` allows it) and drain it on their network thread as it fills.
+///
+/// Memory stays bounded by the channel memory, not by this: one direction of one connection holds
+/// at most [`CHANNEL_MEMORY_BYTES`] of unacknowledged messages (sends) or incomplete ones
+/// (receives), so what a client can make the reflector buffer is unchanged; this only sets how
+/// fast that memory drains. renet's record of sent packets (kept 3 s, or until acknowledged) grows
+/// with the rate: at most ≈ 10 resends a second of what is unacknowledged.
+pub const BYTES_PER_FLUSH: u64 = 512 * 1024;
 
 /// The renet connection configuration both the reflector and its clients must use: one reliable,
-/// ordered channel ([`CHANNEL`]) of [`CHANNEL_MEMORY_BYTES`] in each direction.
+/// ordered channel ([`CHANNEL`]) of [`CHANNEL_MEMORY_BYTES`] in each direction, and
+/// [`BYTES_PER_FLUSH`] per flush. Only the channels must agree between the two ends: each end's
+/// per-flush allowance applies to what it sends (bevy_synq's client, which flushes every
+/// millisecond while it has more to send, uses a smaller one).
 pub fn connection_config() -> ConnectionConfig {
     let channel = ChannelConfig {
         channel_id: CHANNEL,
@@ -46,7 +66,7 @@ pub fn connection_config() -> ConnectionConfig {
         send_type: SendType::ReliableOrdered { resend_time: Duration::from_millis(100) },
     };
     ConnectionConfig {
-        available_bytes_per_tick: BYTES_PER_TICK,
+        available_bytes_per_tick: BYTES_PER_FLUSH,
         server_channels_config: vec![channel.clone()],
         client_channels_config: vec![channel],
     }
