@@ -548,6 +548,7 @@ impl SynqClient {
                     debug!("bevy_synq: snapshot at {time} ms (seq {seq}) stored by the reflector");
                 }
                 ServerMessage::PersistAccepted { .. } | ServerMessage::Pong(_) => {}
+                ServerMessage::Consensus(record) => self.report_divergence(record),
                 ServerMessage::Error(error) => {
                     if error.code.is_final() {
                         return self.fail(format!("refused by the reflector: {}", error.message));

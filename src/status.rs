@@ -117,6 +117,11 @@ pub struct DivergenceDetected {
     pub in_consensus: bool,
     /// The parts of the model state that differ between the consensus and the other groups, e.g.
     /// `component my_game::Position` or `resource my_game::Score`: where to start looking.
+    ///
+    /// A replica outside the consensus learns the entities too, shortly after: the reflector
+    /// sends it the consensus snapshot of the point, and it reports
+    /// [`SynqProblem::DivergedFromConsensus`] with the entities (by `ModelId`) and components
+    /// its state differs in.
     pub differing: Vec<String>,
 }
 
@@ -140,6 +145,12 @@ pub enum SynqProblem {
     /// [`SessionConfig::resync_on_divergence`](crate::SessionConfig::resync_on_divergence)); before
     /// replacing its state it compared the two, entity by entity.
     ReloadedConsensus(ReloadReport),
+    /// This replica's state at a snapshot point differed from the consensus (it was outside the
+    /// consensus of a [`DivergenceDetected`]): the reflector sent it the consensus snapshot of
+    /// that point, and it compared the two, entity by entity, without reloading. Reported once
+    /// per divergence (not again at every point while the replica stays diverged); reload with
+    /// [`SynqClient::resync`](crate::SynqClient::resync).
+    DivergedFromConsensus(ReloadReport),
 }
 
 /// What the shadow replica found: from the snapshot of one point and the same messages, it
@@ -162,7 +173,9 @@ pub struct ShadowMismatch {
     pub entities: Vec<EntityDifference>,
 }
 
-/// What differed between this replica's state and the consensus snapshot it reloaded.
+/// What differed between this replica's state and the consensus snapshot of a point (reported
+/// when it diverged, [`SynqProblem::DivergedFromConsensus`], and when it reloaded,
+/// [`SynqProblem::ReloadedConsensus`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadReport {
     /// Model time of the snapshot point.

@@ -1,6 +1,7 @@
-//! Reloading a diverged replica: a replica outside the consensus reloads the consensus snapshot
-//! (`SynqSession::resync`, or automatically with `SessionConfig::resync_on_divergence`), names
-//! what differed, and agrees with the others — and with a late joiner — from then on.
+//! A diverged replica: it is sent the consensus snapshot and names the entities it differs in,
+//! without reloading; and it reloads the consensus snapshot (`SynqSession::resync`, or
+//! automatically with `SessionConfig::resync_on_divergence`), names what differed, and agrees with
+//! the others — and with a late joiner — from then on.
 
 mod common;
 
@@ -73,6 +74,16 @@ fn reloads(h: &Harness, app: usize) -> Vec<ReloadReport> {
         .collect()
 }
 
+fn explained(h: &Harness, app: usize) -> Vec<ReloadReport> {
+    h.problems(app)
+        .into_iter()
+        .filter_map(|p| match p {
+            SynqProblem::DivergedFromConsensus(report) => Some(report),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Checks the reload report: the counter of entity 1 differed, nothing else.
 fn assert_names_the_counter(report: &ReloadReport) {
     let counter = std::any::type_name::<Counter>();
@@ -90,6 +101,31 @@ fn assert_agree_from_now_on(h: &mut Harness, since: u64) {
     h.settle();
     let shared = h.assert_converged_since(since);
     assert!(shared >= 3, "only {shared} shared points after the reload");
+}
+
+#[test]
+fn a_diverged_replica_is_told_which_entities_differ_once() {
+    let (mut h, glitches) = harness(session("diverged-named"));
+    for _ in 0..3 {
+        h.add_client(|_| {});
+    }
+    h.run_rounds(20, 100);
+    let diverged = 2;
+    glitches.lock().unwrap()[diverged].store(5, Ordering::Relaxed);
+    // It stays diverged for several snapshot points (one a second).
+    for _ in 0..60 {
+        h.round(100);
+    }
+    assert!(h.divergences(diverged).len() >= 3, "{:?}", h.divergences(diverged));
+    let reports = explained(&h, diverged);
+    assert_eq!(reports.len(), 1, "told once per divergence, not at every point: {:?}", h.problems(diverged));
+    assert_names_the_counter(&reports[0]);
+    assert_eq!(reports[0].time, h.divergences(diverged)[0].time, "the report is of the first diverged point");
+    // The replicas in the consensus are not told anything, and nobody reloaded.
+    for app in [0, 1] {
+        assert!(explained(&h, app).is_empty(), "{:?}", h.problems(app));
+    }
+    assert_eq!(h.client(diverged).resyncs(), 0);
 }
 
 #[test]

@@ -12,6 +12,7 @@
 
 use bevy::prelude::*;
 use std::collections::BTreeMap;
+use synq_protocol::wire::SnapshotRecord;
 use tracing::{error, warn};
 
 use super::SynqClient;
@@ -204,6 +205,36 @@ impl SynqClient {
             describe_entities(&entities)
         );
         self.problems.push(SynqProblem::ReloadedConsensus(ReloadReport { time, seq, differing, entities }));
+    }
+
+    /// The reflector sent the consensus snapshot of a point at which this replica's vote was
+    /// outside the consensus: names what differs, without reloading.
+    pub(super) fn report_divergence(&mut self, record: &SnapshotRecord) {
+        let Some(ours) = self.recent_points.iter().find(|p| p.time == record.time && p.seq == record.seq) else {
+            warn!(
+                "bevy_synq: the consensus snapshot of {} ms arrived after this replica forgot its own state of that point",
+                record.time
+            );
+            return;
+        };
+        if ours.vote == record.vote {
+            return;
+        }
+        let ours = ours.bytes.clone();
+        let consensus = match self.open_snapshot(record) {
+            Ok(bytes) => bytes,
+            Err(error) => return warn!("bevy_synq: cannot compare with the consensus: {error}"),
+        };
+        let Some((differing, entities)) = self.state_differences(&ours, &consensus) else { return };
+        let (time, seq) = (record.time, record.seq);
+        error!(
+            "bevy_synq: view {} diverged at {time} ms (seq {seq}): compared with the consensus snapshot, its state \
+             differs in {}{}; SynqSession::resync() reloads the consensus",
+            self.ids.view,
+            if differing.is_empty() { "nothing it can name".to_string() } else { differing.join(", ") },
+            describe_entities(&entities)
+        );
+        self.problems.push(SynqProblem::DivergedFromConsensus(ReloadReport { time, seq, differing, entities }));
     }
 
     /// The parts and the entities that differ between two snapshots of this model.

@@ -162,6 +162,7 @@ pub fn decode_server(frame: &[u8], limits: &Limits) -> Result<ServerMessage, Dec
                 _ => {}
             }
         }
+        ServerMessage::Consensus(record) => check("snapshot", record.data.len(), limits.max_snapshot_bytes)?,
         _ => {}
     }
     Ok(message)
@@ -286,6 +287,24 @@ mod tests {
         assert_eq!(
             decode_client(&encode_client(&vote(vec![[1; 32]; 5])), &limits),
             Err(DecodeError::PayloadTooLarge { what: "vote parts", size: 5, limit: 4 })
+        );
+    }
+
+    #[test]
+    fn an_oversized_consensus_snapshot_is_refused() {
+        let limits = Limits { max_snapshot_bytes: 100, ..Limits::default() };
+        let record = |size| SnapshotRecord {
+            time: 1,
+            seq: 2,
+            vote: [0; 32],
+            data: Sealed { nonce: [0; 24], ciphertext: vec![7; size] },
+            signature: crate::membership::MemberSignature::EMPTY,
+        };
+        let fits = ServerMessage::Consensus(record(100));
+        assert_eq!(decode_server(&encode_server(&fits), &limits).unwrap(), fits);
+        assert_eq!(
+            decode_server(&encode_server(&ServerMessage::Consensus(record(101))), &limits),
+            Err(DecodeError::PayloadTooLarge { what: "snapshot", size: 101, limit: 100 })
         );
     }
 

@@ -180,6 +180,11 @@ pub enum ServerMessage {
     Pong(u64),
     /// Something went wrong; `code` says whether retrying can help.
     Error(ErrorMessage),
+    /// The consensus snapshot of a snapshot point at which this client's vote was outside the
+    /// consensus (a [`Tally`] with several groups): sent once the reflector holds it, so that the
+    /// client can name the entities its state differs in without reloading. A view is sent one
+    /// per divergence, not one per point, until it votes with the consensus again.
+    Consensus(SnapshotRecord),
 }
 
 /// The answer to a join.

@@ -103,6 +103,13 @@ fn seeds() -> Vec<Vec<u8>> {
         ServerMessage::PersistAccepted { vote: [0; 32] },
         ServerMessage::Pong(5),
         ServerMessage::Error(ErrorMessage { code: ErrorCode::TooLarge, message: "too large".into() }),
+        ServerMessage::Consensus(SnapshotRecord {
+            time: 3,
+            seq: 4,
+            vote: [5; 32],
+            data: Sealed { nonce: [6; 24], ciphertext: vec![7; 48] },
+            signature: MemberSignature::EMPTY,
+        }),
     ];
     let mut seeds: Vec<Vec<u8>> = client.iter().map(codec::encode_client).collect();
     seeds.extend(server.iter().map(codec::encode_server));

@@ -4,7 +4,7 @@
 //! [`Reflector::poll`] with the current time of a monotonic clock in milliseconds, then move the
 //! [`Output`]s from [`Reflector::drain_outputs`] to the clients.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
@@ -676,6 +676,7 @@ impl Reflector {
             reset_pending: false,
             tallies: Default::default(),
             awaited_upload: None,
+            told_divergence: BTreeSet::new(),
             awaited_persist: None,
             persisted_vote: None,
             pending_leaves: Vec::new(),
@@ -986,7 +987,8 @@ impl Reflector {
         if !expected {
             return; // unsolicited, dissident or stale: ignored
         }
-        session.awaited_upload = None;
+        let dissenters = session.awaited_upload.take().map(|a| a.dissenters).unwrap_or_default();
+        send_consensus(session, &record, &dissenters, &mut self.outputs);
         while session.events.front().is_some_and(|e| seq_le(e.seq, record.seq)) {
             if let Some(event) = session.events.pop_front() {
                 session.buffered_bytes = session.buffered_bytes.saturating_sub(event_bytes(&event));
@@ -1163,6 +1165,19 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
         // nothing to name, and echoing them would amplify every vote to every client.
         groups[0].parts.clear();
     }
+    // The views outside the consensus of a snapshot vote get the consensus snapshot when it is
+    // uploaded, once per divergence: a view that votes with the consensus again may be told
+    // again later. (When no upload is wanted, the reflector holding a snapshot of this point or a
+    // later one already, they are not sent one.)
+    let mut dissenters: Vec<ViewId> = Vec::new();
+    if purpose == VotePurpose::Snapshot
+        && let Some((consensus, others)) = groups.split_first()
+    {
+        let clients = &session.clients;
+        session.told_divergence.retain(|v| !consensus.views.contains(v) && clients.iter().any(|(_, c)| c == v));
+        dissenters =
+            others.iter().flat_map(|g| &g.views).filter(|v| !session.told_divergence.contains(v)).copied().collect();
+    }
     let wanted = match (purpose, groups.first()) {
         (_, None) => false,
         (VotePurpose::Snapshot, Some(_)) => {
@@ -1176,7 +1191,7 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
         _ => None,
     };
     if let (Some(uploader), Some(consensus)) = (uploader, groups.first()) {
-        let awaited = Some(AwaitedUpload { time, seq, uploader, vote: consensus.vote });
+        let awaited = Some(AwaitedUpload { time, seq, uploader, vote: consensus.vote, dissenters });
         match purpose {
             VotePurpose::Snapshot => session.awaited_upload = awaited,
             VotePurpose::Persist => session.awaited_persist = awaited,
@@ -1186,6 +1201,21 @@ fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outp
     for (client, _) in &session.clients {
         outputs.push(Output::Send { client: *client, message: message.clone() });
     }
+}
+
+/// Sends the consensus snapshot `record` to the clients of the `dissenters` views, and remembers
+/// that they were told.
+fn send_consensus(session: &mut Session, record: &SnapshotRecord, dissenters: &[ViewId], outputs: &mut Vec<Output>) {
+    if dissenters.is_empty() {
+        return;
+    }
+    let message = Arc::new(ServerMessage::Consensus(record.clone()));
+    for (client, view) in &session.clients {
+        if dissenters.contains(view) {
+            outputs.push(Output::Send { client: *client, message: message.clone() });
+        }
+    }
+    session.told_divergence.extend(dissenters.iter().copied());
 }
 
 #[cfg(test)]

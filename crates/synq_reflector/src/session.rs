@@ -26,6 +26,9 @@ pub(crate) struct AwaitedUpload {
     pub seq: u32,
     pub uploader: ViewId,
     pub vote: Hash32,
+    /// The views whose snapshot vote was outside the consensus: each is sent the snapshot when
+    /// it arrives ([`ServerMessage::Consensus`](synq_protocol::wire::ServerMessage::Consensus)).
+    pub dissenters: Vec<ViewId>,
 }
 
 pub(crate) struct Session {
@@ -80,6 +83,9 @@ pub(crate) struct Session {
     pub awaited_persist: Option<AwaitedUpload>,
     /// Vote of the persisted data stored for this session's persistent id.
     pub persisted_vote: Option<Hash32>,
+    /// Views sent the consensus snapshot of a point they dissented at, until they vote with the
+    /// consensus again: a replica that stays diverged is not sent a snapshot at every point.
+    pub told_divergence: BTreeSet<ViewId>,
     /// Views that disconnected, and when they leave unless they come back.
     pub pending_leaves: Vec<(ViewId, u64)>,
     /// Buffered-event count at which the last snapshot request was sent.

@@ -335,6 +335,41 @@ fn divergent_votes_are_grouped_consensus_first() {
     assert_eq!(tally.uploader, Some(ViewId(20)));
 }
 
+/// The clients sent a [`ServerMessage::Consensus`], with the record's time.
+fn consensus_sent(out: &[(ClientId, ServerMessage)]) -> Vec<(ClientId, u64)> {
+    out.iter()
+        .filter_map(|(c, m)| match m {
+            ServerMessage::Consensus(record) => Some((*c, record.time)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_dissenting_view_is_sent_the_consensus_snapshot_once_per_divergence() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    for (client, view) in [(1, 10), (2, 20), (3, 30)] {
+        joined(&mut r, 0, client, view);
+    }
+    sent(&mut r);
+    // At each point, views 10 and 20 agree and view 30 dissents (until the third point).
+    let point = |r: &mut Reflector, time: u64, seq: u32, dissent: bool| {
+        let theirs = if dissent { [3; 32] } else { [1; 32] };
+        for (client, hash) in [(1, [1; 32]), (2, [1; 32]), (3, theirs)] {
+            let vote = HashVote { purpose: VotePurpose::Snapshot, time, seq, vote: hash, parts: vec![] };
+            r.handle(time, client, ClientMessage::HashVote(vote));
+        }
+        let before_upload = consensus_sent(&sent(r));
+        assert!(before_upload.is_empty(), "nothing to send before the upload: {before_upload:?}");
+        r.handle(time + 1, 1, ClientMessage::SnapshotUpload(snapshot(time, seq, [1; 32], sealed(64))));
+        consensus_sent(&sent(r))
+    };
+    assert_eq!(point(&mut r, 100, 1, true), vec![(3, 100)], "the dissenter, and only it, gets the snapshot");
+    assert_eq!(point(&mut r, 200, 2, true), vec![], "still diverged: not sent again");
+    assert_eq!(point(&mut r, 300, 3, false), vec![], "agrees again (reloaded)");
+    assert_eq!(point(&mut r, 400, 4, true), vec![(3, 400)], "a new divergence is told again");
+}
+
 #[test]
 fn a_tally_closes_after_its_window_without_every_vote() {
     let mut r = Reflector::new(ReflectorConfig::default());
