@@ -300,10 +300,11 @@ mod tests {
             data: Sealed { nonce: [0; 24], ciphertext: vec![7; size] },
             signature: crate::membership::MemberSignature::EMPTY,
         };
-        let fits = ServerMessage::Consensus(record(100));
+        // The limit covers the sealed data: its 24-byte nonce and the ciphertext.
+        let fits = ServerMessage::Consensus(record(76));
         assert_eq!(decode_server(&encode_server(&fits), &limits).unwrap(), fits);
         assert_eq!(
-            decode_server(&encode_server(&ServerMessage::Consensus(record(101))), &limits),
+            decode_server(&encode_server(&ServerMessage::Consensus(record(77))), &limits),
             Err(DecodeError::PayloadTooLarge { what: "snapshot", size: 101, limit: 100 })
         );
     }
