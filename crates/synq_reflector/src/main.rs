@@ -34,10 +34,10 @@ use clap::{Parser, Subcommand};
 use synq_reflector::{AccessControl, ReflectorConfig};
 
 mod persisted_cli;
-use synq_protocol::udp::DEFAULT_PROTOCOL_ID;
+use synq_protocol::udp::{CHANNEL_MEMORY_BYTES, DEFAULT_PROTOCOL_ID};
 use synq_reflector::server::{
-    DEFAULT_JOIN_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_IP, MAX_CLIENTS_LIMIT, UdpReflector,
-    UdpReflectorConfig, netcode_error_counter,
+    DEFAULT_JOIN_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_SENDER_BACKLOG_BYTES,
+    MAX_CLIENTS_LIMIT, UdpReflector, UdpReflectorConfig, netcode_error_counter,
 };
 use tracing_subscriber::prelude::*;
 
@@ -102,6 +102,10 @@ struct Args {
     /// Most MiB of events, snapshots and persisted data held in memory over all sessions.
     #[arg(long, default_value_t = ReflectorConfig::default().memory_budget_bytes >> 20)]
     memory_budget_mib: usize,
+    /// A client's events are refused (RateLimited, "the reflector is overloaded") while its
+    /// connection holds more than this many KiB unacknowledged or queued.
+    #[arg(long, default_value_t = (DEFAULT_MAX_SENDER_BACKLOG_BYTES >> 10) as u64, value_parser = clap::value_parser!(u64).range(1..=(CHANNEL_MEMORY_BYTES >> 10) as u64))]
+    max_sender_backlog_kib: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
         frame_flush: Duration::from_micros(args.frame_flush_us),
         join_timeout: Duration::from_millis(args.join_timeout_ms),
         max_connections_per_ip: args.max_connections_per_ip as usize,
+        max_sender_backlog_bytes: (args.max_sender_backlog_kib as usize) << 10,
     };
     let mut reflector = match UdpReflector::bind(config) {
         Ok(reflector) => reflector,

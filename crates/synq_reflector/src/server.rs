@@ -40,6 +40,19 @@
 //! refused or expired connections are counted and logged at most once per cause every 10 s; the
 //! binary also silences renetcode's one-error-per-packet logging and counts it instead
 //! ([`netcode_error_counter`]).
+//!
+//! # Overload
+//!
+//! renet has no congestion control: a reliable message is resent every 100 ms until it is
+//! acknowledged. Past the rate the reflector (or the machine) can carry, backlogs of unacknowledged
+//! frames and their resends would crowd out new frames and grow without bound. So the reflector
+//! sheds the excess at its input: a client's `Event` is refused, before the core stamps it, while
+//! the client's own connection holds more than [`UdpReflectorConfig::max_sender_backlog_bytes`]
+//! unacknowledged or queued bytes (every member receives every event of its session, its own
+//! included, so its backlog reflects the session's). The sender is told with
+//! [`ErrorCode::RateLimited`] ("the reflector is overloaded; event dropped"), at most once per
+//! [`OVERLOAD_NOTICE_EVERY`], and refusals are counted in the rate-limited log. Nothing stamped is
+//! ever dropped: what was admitted reaches every member, in order.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -59,7 +72,7 @@ pub use log_limit::netcode_error_counter;
 use log_limit::{LogLimit, REPORT_EVERY};
 use synq_protocol::codec::{self, DecodeError};
 use synq_protocol::udp::{CHANNEL_MEMORY_BYTES, DEFAULT_PROTOCOL_ID};
-use synq_protocol::wire::{ErrorCode, ErrorMessage, ServerMessage};
+use synq_protocol::wire::{ClientMessage, ErrorCode, ErrorMessage, ServerMessage};
 use transport::{Event, Transport};
 
 use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
@@ -101,6 +114,10 @@ pub struct UdpReflectorConfig {
     /// Most simultaneous connections from one IP address; a connection beyond it is disconnected
     /// at once (default 16; zero refuses everyone).
     pub max_connections_per_ip: usize,
+    /// Admission control: a client's event is refused with [`ErrorCode::RateLimited`] while its
+    /// own connection holds more than this many unacknowledged or queued bytes (default
+    /// [`DEFAULT_MAX_SENDER_BACKLOG_BYTES`]). See the module documentation's *Overload*.
+    pub max_sender_backlog_bytes: usize,
 }
 
 /// The default [`UdpReflectorConfig::join_timeout`].
@@ -108,6 +125,18 @@ pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default [`UdpReflectorConfig::max_connections_per_ip`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
+
+/// The default [`UdpReflectorConfig::max_sender_backlog_bytes`], 64 KiB: what one connection
+/// receives in ≈ 100 ms at ≈ 2,000 events a second of 300-byte frames, so a connection with a
+/// 100 ms round trip still carries 32 members at the default 60 events a second each. The bound
+/// is also about what an overloaded reflector's latency grows to (the backlog drains at the rate
+/// the connection is acknowledged), and what renet resends per connection every 100 ms while acks
+/// are late; on loopback past saturation 32–64 KiB delivered the most (128 KiB ≈ 35 % less,
+/// no bound nothing at all).
+pub const DEFAULT_MAX_SENDER_BACKLOG_BYTES: usize = 64 * 1024;
+
+/// A client whose events are refused for overload is told so at most this often.
+pub const OVERLOAD_NOTICE_EVERY: Duration = Duration::from_millis(500);
 
 impl Default for UdpReflectorConfig {
     fn default() -> Self {
@@ -121,6 +150,7 @@ impl Default for UdpReflectorConfig {
             frame_flush: FRAME_FLUSH,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_sender_backlog_bytes: DEFAULT_MAX_SENDER_BACKLOG_BYTES,
         }
     }
 }
@@ -189,6 +219,9 @@ pub struct UdpReflector {
     ip_of: HashMap<u64, IpAddr>,
     per_ip: HashMap<IpAddr, usize>,
     max_connections_per_ip: usize,
+    max_sender_backlog_bytes: usize,
+    /// When each connection whose events were refused for overload was last told so.
+    overload_noticed: HashMap<u64, Instant>,
 }
 
 /// The core's timers (heartbeat ticks, join/leave batches, tallies) run this often: each run
@@ -266,6 +299,8 @@ impl UdpReflector {
             ip_of: HashMap::new(),
             per_ip: HashMap::new(),
             max_connections_per_ip: config.max_connections_per_ip,
+            max_sender_backlog_bytes: config.max_sender_backlog_bytes,
+            overload_noticed: HashMap::new(),
         })
     }
 
@@ -374,6 +409,7 @@ impl UdpReflector {
         self.join_deadline.clear();
         self.ip_of.clear();
         self.per_ip.clear();
+        self.overload_noticed.clear();
     }
 
     /// Waits until a datagram arrives or [`UdpReflectorConfig::idle_sleep`] passed.
@@ -432,6 +468,7 @@ impl UdpReflector {
                 }
                 Event::Disconnected { id: renet, reason } => {
                     self.closing.remove(&renet);
+                    self.overload_noticed.remove(&renet);
                     if let Some(ip) = self.ip_of.remove(&renet)
                         && let Some(held) = self.per_ip.get_mut(&ip)
                     {
@@ -465,6 +502,7 @@ impl UdpReflector {
                 }
                 let Some(frame) = self.transport.receive_message(renet) else { break };
                 match codec::decode_client(&frame, &limits) {
+                    Ok(ClientMessage::Event(_)) if self.overloaded(renet) => self.refuse_event(t, now, client, renet),
                     Ok(message) => self.core.handle(t, client, message),
                     Err(DecodeError::PayloadTooLarge { what, size, limit }) => {
                         // A well-formed message with an oversized payload: dropped, not final.
@@ -486,6 +524,33 @@ impl UdpReflector {
                 self.dispatch(t, now);
             }
         }
+    }
+
+    /// Whether `renet`'s own connection holds more unacknowledged or queued bytes than an event
+    /// from it may be admitted with.
+    fn overloaded(&self, renet: u64) -> bool {
+        self.transport.backlog(renet) > self.max_sender_backlog_bytes
+    }
+
+    /// Drops an event refused for overload (before the core saw it: nothing is stamped), counts
+    /// it, and tells the sender at most once per [`OVERLOAD_NOTICE_EVERY`].
+    fn refuse_event(&mut self, t: u64, now: Instant, client: ClientId, renet: u64) {
+        if let Some(&ip) = self.ip_of.get(&renet) {
+            self.transport.log.record("events refused (the reflector is overloaded)", ip, now);
+        }
+        let due = self
+            .overload_noticed
+            .get(&renet)
+            .is_none_or(|&at| now.saturating_duration_since(at) >= OVERLOAD_NOTICE_EVERY);
+        if !due {
+            return;
+        }
+        self.overload_noticed.insert(renet, now);
+        let error = ServerMessage::Error(ErrorMessage {
+            code: ErrorCode::RateLimited,
+            message: "the reflector is overloaded; event dropped".into(),
+        });
+        self.send_frame(t, now, client, renet, Bytes::from(codec::encode_server(&error)));
     }
 
     /// Moves the core's outputs to the sockets. Each shared message is encoded once.

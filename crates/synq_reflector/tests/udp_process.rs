@@ -332,3 +332,66 @@ fn multi_megabyte_frames_cross_in_both_directions() {
     assert!(persisted.data.ciphertext == data, "the data arrived intact");
     println!("2 MiB up in {up:?}, down (connect + join + Sync) in {down:?}");
 }
+
+/// The view events of `messages` (payload and sequence number), in the order received.
+fn view_events(messages: &[ServerMessage]) -> Vec<(u32, Vec<u8>)> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Event(StampedEvent { seq, body: EventBody::View { payload, .. }, .. }) => {
+                Some((*seq, payload.ciphertext.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Admission control: a client whose connection holds a large unacknowledged backlog (it does not
+/// read what it is sent) gets its events refused with `RateLimited` before they are stamped, and
+/// everything that was stamped still reaches every member, in order.
+#[test]
+fn events_from_a_backlogged_sender_are_refused_and_nothing_stamped_is_lost() {
+    let reflector =
+        ReflectorProcess::start("overload", &["--max-sender-backlog-kib=8", "--max-events-per-second=100000"]);
+    let mut a = RawClient::connect(reflector.addr, 1);
+    let mut b = RawClient::connect(reflector.addr, 2);
+    a.join(join(1));
+    a.wait_for("a's Sync", synced);
+    b.join(join(2));
+    b.wait_for("b's Sync", synced);
+
+    // `a` stops reading (so it acknowledges nothing more) and sends 40 events of 1,000 bytes:
+    // each admitted one adds its frame to a's own backlog, so after about 8 KiB the rest are refused.
+    const SENT: u8 = 40;
+    for i in 0..SENT {
+        a.send(&event(&[i; 1000]));
+    }
+    // `b` reads all along; its own event is admitted and marks the end of what was stamped.
+    b.send(&event(b"end"));
+    b.wait_for("end", view_event(b"end"));
+
+    // `a` reads again: renet's resends bring it everything stamped, and the refusal.
+    a.wait_for("end", view_event(b"end"));
+    let refusals: Vec<&String> = a.received[..]
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Error(e) if e.code == ErrorCode::RateLimited => Some(&e.message),
+            _ => None,
+        })
+        .collect();
+    assert!(!refusals.is_empty(), "a was told its events were refused");
+    assert!(refusals.iter().all(|m| m.contains("overloaded")), "{refusals:?}");
+
+    let at_a = view_events(&a.received);
+    let at_b = view_events(&b.received);
+    assert_eq!(at_a, at_b, "every member received every stamped event, in the same order");
+    assert!(at_a.windows(2).all(|w| (1..u32::MAX / 2).contains(&w[1].0.wrapping_sub(w[0].0))), "in sequence order");
+    let admitted: Vec<u8> = at_a.iter().filter(|(_, p)| p.len() == 1000).map(|(_, p)| p[0]).collect();
+    assert!(!admitted.is_empty(), "events were admitted until the backlog built up");
+    assert!(admitted.len() < usize::from(SENT), "some events were refused: {admitted:?}");
+    assert!(admitted.windows(2).all(|w| w[1] > w[0]), "admitted events keep their order: {admitted:?}");
+    let refused = usize::from(SENT) - admitted.len();
+    assert!(refusals.len() <= refused, "no more than one notice per refused event: {refusals:?}");
+    assert_eq!(at_a.last().map(|(_, p)| p.as_slice()), Some(&b"end"[..]));
+    assert!(a.failed.is_none() && b.failed.is_none());
+}

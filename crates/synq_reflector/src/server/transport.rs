@@ -288,6 +288,13 @@ impl Transport {
         self.connections.get(&id).is_none_or(|c| !c.unacked())
     }
 
+    /// The bytes `id` holds unacknowledged or queued (zero once it is gone).
+    pub fn backlog(&self, id: u64) -> usize {
+        self.connections
+            .get(&id)
+            .map_or(0, |c| CHANNEL_MEMORY_BYTES.saturating_sub(c.renet.channel_available_memory(CHANNEL)))
+    }
+
     pub fn can_send(&self, id: u64, bytes: usize) -> bool {
         self.connections.get(&id).is_some_and(|c| c.renet.is_connected() && c.renet.can_send_message(CHANNEL, bytes))
     }
