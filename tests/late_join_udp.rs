@@ -141,16 +141,18 @@ fn a_late_joiner_of_a_large_model_over_udp_agrees_with_the_running_replicas() {
     run_until(&mut apps, "a snapshot point after the first events", |apps| {
         apps.iter().all(|app| history(app).iter().any(|r| r.time > 0))
     });
-    let first_point = history(&apps[0]).iter().rfind(|r| r.time > 0).unwrap().time;
     publish(&mut apps[0], 30..40);
     published += 10;
 
     apps.push(client_app(addr, 3));
     run_until(&mut apps, "the late joiner synced", |apps| synced(&apps[2]));
     let started = apps[2].world().resource::<SynqClient>().started_from();
+    // The snapshot of that point is stored once its tally closed and the elected replica
+    // uploaded it over UDP, which may still be under way: the joiner then starts from the first
+    // snapshot (taken after the model's init, so it holds the whole model too) and replays more.
     assert!(
-        matches!(started, Some(StartKind::Snapshot { time }) if time >= first_point),
-        "the late joiner must start from the stored snapshot: {started:?}"
+        matches!(started, Some(StartKind::Snapshot { .. })),
+        "the late joiner must start from a stored snapshot of the large model: {started:?}"
     );
     publish(&mut apps[2], 200..210);
     publish(&mut apps[1], 130..140);
