@@ -302,8 +302,9 @@ fn vote_floods_and_oversized_votes_are_bounded() {
 #[test]
 fn a_thousand_abandoned_sessions_are_unloaded_and_their_memory_returned() {
     let dir = data_dir("attack-abandon");
-    // Sessions stay in memory 20 s after their last client left (several hundred at the peak).
-    let options = ["--idle-unload-ms", "20000", "--max-sessions-per-origin", "5000", "--max-connections-per-ip", "64"];
+    // Sessions stay in memory 60 s after their last client left: several hundred at the peak even
+    // when opening the thousand takes two minutes on a loaded machine.
+    let options = ["--idle-unload-ms", "60000", "--max-sessions-per-origin", "5000", "--max-connections-per-ip", "64"];
     let reflector = ReflectorProcess::start_with(&dir, None, &options);
     let key = SessionKey::from_master(&[3; 32]);
     let id = |i: u32| {
@@ -359,7 +360,7 @@ fn a_thousand_abandoned_sessions_are_unloaded_and_their_memory_returned() {
         sampler.join().unwrap()
     });
     let mut after = peak;
-    for _ in 0..400 {
+    for _ in 0..1200 {
         std::thread::sleep(Duration::from_millis(100));
         after = reflector.rss_kib();
         if after < baseline + (peak - baseline) / 4 {
