@@ -3,7 +3,9 @@
 //! since; it must restore it, catch up, and then agree with the running replicas on the state
 //! hash at every snapshot point they share.
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
@@ -93,19 +95,8 @@ fn synced(app: &App) -> bool {
 }
 
 /// Runs frames of every app until `done` holds, or fails after [`TIMEOUT`].
-fn run_until(apps: &mut [App], what: &str, mut done: impl FnMut(&[App]) -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done(apps) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            apps.iter().map(|a| a.world().resource::<SynqStatus>().clone()).collect::<Vec<_>>()
-        );
-        for app in apps.iter_mut() {
-            app.update();
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+fn run_until(apps: &mut [App], what: &str, done: impl FnMut(&[App]) -> bool) {
+    common::run_apps_until(apps, what, TIMEOUT, done);
 }
 
 fn publish(app: &mut App, values: std::ops::Range<u32>) {

@@ -9,7 +9,9 @@ pub mod hostile;
 pub mod process;
 pub mod sum;
 
+use bevy::prelude::App;
 use bevy_synq::prelude::*;
+use std::time::{Duration, Instant};
 
 // Not every test uses every helper.
 #[allow(unused_imports)]
@@ -43,4 +45,22 @@ pub fn member_connection(
     assert!(connection.send(ClientMessage::Join(join)));
     h.round(0);
     connection
+}
+
+/// Runs frames of every app (real time, 2 ms apart) until `done` holds; fails after `timeout`,
+/// naming `what` and every app's status. For apps on a real reflector, where the harness's
+/// virtual clock does not apply.
+pub fn run_apps_until(apps: &mut [App], what: &str, timeout: Duration, mut done: impl FnMut(&[App]) -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done(apps) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            apps.iter().map(|a| a.world().resource::<SynqStatus>().clone()).collect::<Vec<_>>()
+        );
+        for app in apps.iter_mut() {
+            app.update();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
