@@ -45,7 +45,10 @@ pub type ClientId = u64;
 pub struct ReflectorConfig {
     /// Tick period used when a client asks for none (ms).
     pub default_tick_ms: u32,
-    /// Join/leave notices are batched for this long (ms).
+    /// Join/leave notices are batched for this long (ms): at most one `Users` event is stamped
+    /// per this period. A join after a quiet period (no notice stamped for this long) is stamped
+    /// at once, so that the joiner, which is synced only once it sees its own view-join, does not
+    /// wait out a batch; joins that follow within the period are batched.
     pub users_batch_ms: u64,
     /// A vote tally closes when every client voted or after this long (ms).
     pub tally_window_ms: u64,
@@ -589,14 +592,25 @@ impl Reflector {
         // had, as after a restart, until the reset batch) joins again.
         let leave_queued = session.users.left.contains(&join.view_id);
         let announced = session.in_model.contains(&join.view_id) || session.users.joined.contains(&join.view_id);
-        if !announced || leave_queued {
-            queue_user_change(session, now, self.config.users_batch_ms, join.view_id, true);
+        let batch_ms = self.config.users_batch_ms;
+        let announce = !announced || leave_queued;
+        if announce {
+            queue_user_change(session, now, batch_ms, join.view_id, true);
+            join_due_early(session, now, batch_ms);
         }
         let state = self.clients.get_mut(&client).expect("joined client is connected");
         state.session = Some(join.session_id);
         state.view = join.view_id;
         state.member = Some(join.member_key);
         self.send(client, ServerMessage::Sync(sync));
+        // A join after a quiet period is stamped now, after the joiner's `Sync` (it is the first
+        // event the joiner gets): the joiner is synced as soon as it restored the model.
+        if let Some(session) = self.sessions.get_mut(&join.session_id)
+            && announce
+            && session.users.deadline.is_some_and(|d| now >= d)
+        {
+            flush_users(session, now, &mut self.storage, &mut self.outputs);
+        }
         if let Some(damage) = damage {
             let msg = format!("the reflector's storage of this session was damaged: {damage}");
             self.send_error(client, ErrorCode::DataLost, msg);
@@ -658,6 +672,7 @@ impl Reflector {
             stamped: Default::default(),
             clients: Vec::new(),
             users: UsersBatch::default(),
+            users_stamped_at: None,
             reset_pending: false,
             tallies: Default::default(),
             awaited_upload: None,
@@ -1061,6 +1076,18 @@ fn queue_user_change(session: &mut Session, now: u64, batch_ms: u64, view: ViewI
     }
 }
 
+/// Brings a batch holding a join forward to one period after the previous notice (or to now, if
+/// that was longer ago): at most one notice per `batch_ms` still, but a lone joiner waits for
+/// nothing. A batch that resets the model's views (after a reflector restart) keeps its full
+/// period, so that it gathers every returning client at once.
+fn join_due_early(session: &mut Session, now: u64, batch_ms: u64) {
+    if session.reset_pending {
+        return;
+    }
+    let due = session.users_stamped_at.map_or(now, |at| at.saturating_add(batch_ms).max(now));
+    session.users.deadline = Some(session.users.deadline.map_or(due, |d| d.min(due)));
+}
+
 fn flush_users(session: &mut Session, now: u64, storage: &mut Store, outputs: &mut Vec<Output>) {
     let users = std::mem::take(&mut session.users);
     if users.joined.is_empty() && users.left.is_empty() {
@@ -1070,6 +1097,7 @@ fn flush_users(session: &mut Session, now: u64, storage: &mut Store, outputs: &m
     let body = EventBody::Users { joined: users.joined.clone(), left: users.left.clone(), reset };
     match broadcast_event(session, now, body, storage, outputs) {
         Ok(()) => {
+            session.users_stamped_at = Some(now);
             session.reset_pending = false;
             if reset {
                 session.in_model.clear();

@@ -74,6 +74,8 @@ pub(crate) struct Session {
     /// Clients that received their `Sync`, in join order.
     pub clients: Vec<(ClientId, ViewId)>,
     pub users: UsersBatch,
+    /// Reflector clock at which the latest join/leave notice was stamped.
+    pub users_stamped_at: Option<u64>,
     pub reset_pending: bool,
     pub tallies: BTreeMap<(VotePurpose, SessionTime, u32), TallyState>,
     pub awaited_upload: Option<AwaitedUpload>,

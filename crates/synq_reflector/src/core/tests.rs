@@ -112,7 +112,8 @@ fn events_are_stamped_in_order_from_just_below_the_wrap_and_broadcast() {
         seqs.push(to_1[0].seq);
         assert_eq!(to_1[0].time, i);
     }
-    assert_eq!(seqs[0], INITIAL_SEQ.wrapping_add(1));
+    // The first join, after a quiet period, was stamped at once; the second waits for its batch.
+    assert_eq!(seqs[0], INITIAL_SEQ.wrapping_add(2));
     assert!(seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)));
     assert!(seqs.contains(&0), "wrapped around");
 }
@@ -134,13 +135,14 @@ fn ticks_only_after_silence() {
 #[test]
 fn joins_and_leaves_are_batched_and_cancel_out() {
     let mut r = Reflector::new(ReflectorConfig::default());
-    joined(&mut r, 0, 1, 10);
-    joined(&mut r, 50, 2, 20);
+    connect_and_join(&mut r, 0, 1, join(10));
+    let mut out = sent(&mut r);
+    connect_and_join(&mut r, 50, 2, join(20));
     r.disconnect(100, 2);
     // Back within the leave delay: view 20 never left.
     connect_and_join(&mut r, 600, 3, join(20));
     r.poll(2000);
-    let mut out = sent(&mut r);
+    out.extend(sent(&mut r));
     connect_and_join(&mut r, 2000, 4, join(40));
     r.disconnect(2050, 4); // gone for good
     for now in [2100, 2300, 3400, 3700] {
@@ -152,11 +154,75 @@ fn joins_and_leaves_are_batched_and_cancel_out() {
     assert_eq!(
         users,
         vec![
-            EventBody::Users { joined: vec![ViewId(10), ViewId(20)], left: vec![], reset: false },
+            // Stamped at once: nothing was stamped for a batch period before.
+            EventBody::Users { joined: vec![ViewId(10)], left: vec![], reset: false },
+            // Within the period of the first: batched.
+            EventBody::Users { joined: vec![ViewId(20)], left: vec![], reset: false },
+            // Right after the previous notice (at 2000): batched until 2200.
             EventBody::Users { joined: vec![ViewId(40)], left: vec![], reset: false },
             EventBody::Users { joined: vec![], left: vec![ViewId(40)], reset: false },
         ]
     );
+}
+
+#[test]
+fn a_join_after_a_quiet_period_is_stamped_at_once_right_after_the_joiners_sync() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 0, 1, 10);
+    r.poll(5000);
+    sent(&mut r);
+    connect_and_join(&mut r, 5000, 2, join(20));
+    let out = sent(&mut r);
+    // The joiner gets its Sync, then its own view-join as the very next event.
+    let to_joiner: Vec<_> = out.iter().filter(|(c, _)| *c == 2).map(|(_, m)| m.clone()).collect();
+    let [ServerMessage::Sync(sync), ServerMessage::Event(event)] = to_joiner.as_slice() else {
+        panic!("expected the Sync then one event: {to_joiner:?}");
+    };
+    assert_eq!(event.seq, sync.seq.wrapping_add(1), "the view-join follows the Sync's history");
+    assert_eq!(event.time, sync.time);
+    assert_eq!(event.body, EventBody::Users { joined: vec![ViewId(20)], left: vec![], reset: false });
+    // Every replica sees the same notice at the same stamped time and sequence number.
+    assert_eq!(events(&out, 1), vec![event.clone()]);
+    assert_eq!(r.next_deadline(), Some(5050), "no batch is left pending (only the tick)");
+}
+
+#[test]
+fn joins_in_quick_succession_share_a_batch_at_most_one_notice_per_period() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 1000, 1, 10); // stamped at once, at 1000
+    let mut out = Vec::new();
+    for (client, view, now) in [(2, 20, 1050), (3, 30, 1120)] {
+        connect_and_join(&mut r, now, client, join(view));
+        out.extend(sent(&mut r));
+    }
+    assert!(events(&out, 1).is_empty(), "nothing stamped within the period of the previous notice");
+    r.poll(1199);
+    assert!(events(&sent(&mut r), 1).iter().all(|e| !matches!(e.body, EventBody::Users { .. })));
+    r.poll(1200);
+    let users: Vec<_> = events(&sent(&mut r), 1).into_iter().map(|e| e.body).collect();
+    assert_eq!(users, vec![EventBody::Users { joined: vec![ViewId(20), ViewId(30)], left: vec![], reset: false }]);
+    // A join long after the batch is stamped at once again.
+    connect_and_join(&mut r, 3000, 4, join(40));
+    let out = sent(&mut r);
+    let users: Vec<_> = events(&out, 1).into_iter().map(|e| e.body).collect();
+    assert_eq!(users, vec![EventBody::Users { joined: vec![ViewId(40)], left: vec![], reset: false }]);
+    assert_eq!(events(&out, 1), events(&out, 4), "the joiner sees the notice everyone sees");
+}
+
+#[test]
+fn a_pending_leave_batch_goes_out_with_an_early_join() {
+    let mut r = Reflector::new(ReflectorConfig::default());
+    joined(&mut r, 0, 1, 10);
+    joined(&mut r, 0, 2, 20);
+    r.poll(1000); // view 20's join batch
+    sent(&mut r);
+    r.handle(1300, 2, ClientMessage::Leave);
+    r.poll(1300); // the leave is queued: its batch is due at 1500
+    connect_and_join(&mut r, 1400, 3, join(30));
+    let users: Vec<_> = events(&sent(&mut r), 1).into_iter().map(|e| e.body).collect();
+    assert_eq!(users, vec![EventBody::Users { joined: vec![ViewId(30)], left: vec![ViewId(20)], reset: false }]);
+    r.poll(1600);
+    assert!(events(&sent(&mut r), 1).iter().all(|e| !matches!(e.body, EventBody::Users { .. })));
 }
 
 #[test]
@@ -188,7 +254,8 @@ fn votes_elect_an_uploader_and_the_snapshot_replaces_the_events_it_covers() {
     for _ in 0..5 {
         r.handle(400, 1, ClientMessage::Event(sealed(8).into()));
     }
-    let covered = INITIAL_SEQ.wrapping_add(4);
+    // Two join notices (view 10's stamped at once, view 20's batched), then the five events.
+    let covered = INITIAL_SEQ.wrapping_add(5);
     sent(&mut r);
     let vote = HashVote { purpose: VotePurpose::Snapshot, time: 400, seq: covered, vote: [9; 32], parts: vec![] };
     r.handle(401, 2, ClientMessage::HashVote(vote.clone()));
@@ -403,9 +470,13 @@ fn a_restarted_reflector_resumes_its_sessions_from_storage() {
     assert_eq!(sync.seq, last.seq, "sequence numbers continue");
     assert_eq!(sync.events.last(), Some(&last), "every acknowledged event survived");
     assert!(sync.time >= last_tick, "session time continues: {} < {last_tick}", sync.time);
+    // The batch that tells the model who is really there waits its full period, to gather every
+    // returning client.
+    connect_and_join(&mut r, 120, 3, join(30));
+    assert!(events(&sent(&mut r), 2).is_empty(), "the reset batch is not stamped early");
     r.poll(300);
     let users = events(&sent(&mut r), 2);
-    assert!(matches!(&users[0].body, EventBody::Users { reset: true, .. }), "{users:?}");
+    assert_eq!(users[0].body, EventBody::Users { joined: vec![ViewId(20), ViewId(30)], left: vec![], reset: true });
     let _ = std::fs::remove_dir_all(&dir);
 }
 
