@@ -294,7 +294,12 @@ fn update_connection(
             reconnects,
         };
     }
-    let wanted = SynqState::from(&*status);
+    let wanted = match (state.get(), SynqState::from(&*status)) {
+        // A client that restored and caught up within one frame (a fresh session, a small one)
+        // still passes through `Syncing`, so `OnEnter`/`OnExit(Syncing)` always run.
+        (SynqState::Connecting, SynqState::Synced) => SynqState::Syncing,
+        (_, wanted) => wanted,
+    };
     if *state.get() != wanted {
         next.set(wanted);
     }

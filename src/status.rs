@@ -15,6 +15,10 @@ use crate::model::ModelProblem;
 /// takes effect at the state transition before `Update`, so `OnEnter` systems run in the frame the
 /// client got there. [`SynqStatus`] carries the same with details, as a resource and a message.
 ///
+/// A join always goes `Connecting` → `Syncing` → `Synced`: a client that restored the session
+/// and caught up within one frame (a fresh or small session) is `Syncing` for that one frame, so
+/// `OnEnter(SynqState::Syncing)` and `OnExit(SynqState::Syncing)` run on every join.
+///
 /// ```
 /// use bevy::prelude::*;
 /// use bevy_synq::prelude::*;
@@ -130,7 +134,10 @@ pub struct DivergenceDetected {
 pub enum SynqProblem {
     /// A problem in the model, the same on every replica.
     Model(ModelProblem),
-    /// The reflector refused something this client sent.
+    /// The reflector refused something this client sent, and dropped it: an event while the
+    /// session's buffer is full, while the client sends faster than allowed or while the
+    /// reflector is overloaded (its backlog towards this client is too large), or a message over
+    /// a size limit. A dropped event is not executed anywhere; the string says which case.
     Refused(String),
     /// The reflector lost part of the session's stored history (damaged storage); the session
     /// continues from what it kept.
