@@ -562,7 +562,8 @@ impl SynqClient {
                     if error.code == ErrorCode::ShuttingDown {
                         return self.lost("the reflector is shutting down".into());
                     }
-                    if error.code == ErrorCode::BufferFull {
+                    if matches!(error.code, ErrorCode::BufferFull | ErrorCode::RateLimited | ErrorCode::TooLarge) {
+                        // One of this client's events (or uploads) was dropped, not stamped.
                         self.problems.push(SynqProblem::Refused(error.message.clone()));
                     }
                     if error.code == ErrorCode::DataLost {

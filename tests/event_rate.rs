@@ -8,6 +8,8 @@ use bevy::prelude::*;
 use bevy_synq::prelude::*;
 use common::{Harness, test_session};
 use serde::{Deserialize, Serialize};
+use synq_reflector::ReflectorConfig;
+use synq_reflector::inproc::ManualReflector;
 
 #[derive(Serialize, Deserialize, Clone)]
 struct Tick(u32);
@@ -102,4 +104,34 @@ fn one_system_may_publish_several_event_types() {
     h.run_rounds(5, 100);
     let log = common::process::model_resource::<Log>(&h.apps[a]).unwrap();
     assert_eq!(log.0.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![7, 8]);
+}
+
+#[test]
+fn events_over_the_reflectors_rate_are_dropped_and_the_sender_is_told() {
+    // The reflector admits 2 events per second per client; the view sends one per 10 ms frame.
+    let mut h = Harness::new(test_session("over-rate"), Box::new(|| Box::new(model)));
+    h.reflector = ManualReflector::new(ReflectorConfig { max_events_per_second: 2, ..Default::default() });
+    let a = h.add_client(|_| {});
+    h.add_client(|_| {});
+    h.run_rounds(5, 100);
+    for i in 0..10 {
+        publish_many(&mut h.apps[a], i, 1);
+        h.round(10);
+    }
+    h.run_rounds(5, 100);
+    let late = h.add_client(|_| {});
+    h.run_rounds(10, 100);
+    h.settle();
+
+    let problems = std::mem::take(&mut h.apps[a].world_mut().resource_mut::<common::Problems>().0);
+    assert!(
+        problems.iter().any(|p| matches!(p, SynqProblem::Refused(reason) if reason.contains("events per second"))),
+        "the sender was told: {problems:?}"
+    );
+    // Nobody else was told anything, and every replica agrees.
+    h.assert_converged();
+    let log = common::process::model_resource::<Log>(&h.apps[late]).unwrap();
+    let executed: Vec<u32> = log.0.iter().map(|(_, n)| *n).collect();
+    assert!(!executed.is_empty() && executed.len() < 10, "some were admitted, the rest dropped: {executed:?}");
+    assert!(executed.windows(2).all(|w| w[0] < w[1]), "in order: {executed:?}");
 }
