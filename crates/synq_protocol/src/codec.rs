@@ -270,6 +270,19 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_carries_its_address_and_a_cut_one_is_refused() {
+        let limits = Limits::default();
+        for to in ["10.0.0.7:5800", "[2001:db8::1]:5801"] {
+            let msg = ServerMessage::Redirect(to.parse().unwrap());
+            let frame = encode_server(&msg);
+            assert_eq!(decode_server(&frame, &limits).unwrap(), msg);
+            for cut in 0..frame.len() {
+                assert!(decode_server(&frame[..cut], &limits).is_err(), "truncated at {cut}");
+            }
+        }
+    }
+
+    #[test]
     fn oversized_event_is_refused() {
         let limits = Limits { max_event_bytes: 100, ..Limits::default() };
         let msg = ClientMessage::Event(Sealed { nonce: [1; 24], ciphertext: vec![5; 200] }.into());

@@ -185,6 +185,10 @@ pub enum ServerMessage {
     /// client can name the entities its state differs in without reloading. A view is sent one
     /// per divergence, not one per point, until it votes with the consensus again.
     Consensus(SnapshotRecord),
+    /// The session is served by another reflector of the same cluster, reached at this address:
+    /// the client connects there and joins again. Sent instead of a `Sync`, followed by an
+    /// [`ErrorCode::Unavailable`] error that closes the connection.
+    Redirect(std::net::SocketAddr),
 }
 
 /// The answer to a join.

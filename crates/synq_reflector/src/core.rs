@@ -17,7 +17,7 @@ use synq_protocol::{INITIAL_SEQ, Limits, PROTOCOL_VERSION, seq_le};
 
 use crate::access::AccessControl;
 use crate::session::{AwaitedUpload, Session, TallyState, UsersBatch, event_bytes};
-use crate::storage::{SessionMeta, Storage, StorageError, StoredSession};
+use crate::storage::{Claim, SessionMeta, Storage, StorageError, StoredSession};
 
 /// Session time is recorded in storage at least this often while a session is active, and a
 /// session resumed from storage continues this far after the last record, so that no client can
@@ -403,6 +403,7 @@ impl Reflector {
     /// Fires what is due: heartbeat ticks, join/leave batches, vote tallies, storage upkeep.
     pub fn poll(&mut self, now: u64) {
         self.sync_storage(now);
+        self.drop_lost_claims();
         self.expire_leaves(now);
         if now >= self.last_housekeeping + HOUSEKEEPING_MS {
             self.last_housekeeping = now;
@@ -517,6 +518,20 @@ impl Reflector {
             if let Err(msg) = self.room_for_session(origin) {
                 tracing::debug!(client, session = %join.session_id, "join refused: {msg}");
                 return self.close(client, error_message(ErrorCode::Full, msg));
+            }
+            match self.storage.as_mut().map_or(Ok(Claim::Owned), |storage| storage.claim(&join.session_id)) {
+                Ok(Claim::Owned) => {}
+                Ok(Claim::ServedBy(owner)) => {
+                    tracing::debug!(client, session = %join.session_id, %owner, "join redirected to the session's reflector");
+                    self.send(client, ServerMessage::Redirect(owner));
+                    let msg = format!("the session is served by the reflector at {owner}");
+                    return self.close(client, error_message(ErrorCode::Unavailable, msg));
+                }
+                Err(error) => {
+                    tracing::error!(session = %join.session_id, %error, "cannot claim session");
+                    let msg = format!("the reflector cannot claim this session: {}", error.public_reason());
+                    return self.close(client, error_message(ErrorCode::Unavailable, msg));
+                }
             }
             match self.open_session(now, &join, tick_ms, origin) {
                 Ok(session) => {
@@ -853,6 +868,25 @@ impl Reflector {
                     storage.unload_session(&id);
                 }
                 tracing::debug!(session = %id, "idle session unloaded from memory");
+            }
+        }
+    }
+
+    /// Stops serving the sessions whose claim storage reports lost (another reflector serves
+    /// them now, or this one could not renew its claim in time): their clients are closed with
+    /// [`ErrorCode::Unavailable`], reconnect, and are sent to the session's reflector.
+    fn drop_lost_claims(&mut self) {
+        let Some(storage) = self.storage.as_mut() else { return };
+        for id in storage.renew_claims() {
+            let Some(session) = self.sessions.remove(&id) else { continue };
+            tracing::warn!(session = %id, "the claim on the session was lost: no longer serving it");
+            self.memory = self.memory.saturating_sub(session.memory_bytes());
+            for (client, _) in session.clients {
+                if let Some(state) = self.clients.get_mut(&client) {
+                    state.session = None;
+                }
+                let msg = "this reflector no longer serves the session; reconnect to be sent to the one that does";
+                self.close(client, error_message(ErrorCode::Unavailable, msg));
             }
         }
     }

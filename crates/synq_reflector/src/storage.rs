@@ -179,8 +179,32 @@ impl fmt::Display for StorageDamage {
     }
 }
 
+/// Which reflector serves a session, when several share one storage (cluster mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This reflector serves it: it may load, stamp and store the session until
+    /// [`Storage::renew_claims`] reports the claim lost.
+    Owned,
+    /// Another reflector serves it, reached by clients at this address.
+    ServedBy(std::net::SocketAddr),
+}
+
 /// The reflector's storage backend.
 pub trait Storage: Send {
+    /// Claims a session for this reflector before it is loaded, unless another reflector sharing
+    /// the storage serves it. Storage that only one reflector uses (the default) always grants
+    /// it. A claim lasts until [`Storage::unload_session`] or until [`Storage::renew_claims`]
+    /// reports it lost.
+    fn claim(&mut self, _session: &SessionId) -> Result<Claim, StorageError> {
+        Ok(Claim::Owned)
+    }
+    /// Keeps this reflector's claims alive (called often; renews when due) and returns the
+    /// sessions whose claim was lost (it could not be renewed in time, or another reflector took
+    /// it over): the reflector must stop serving them at once. Storage that only one reflector
+    /// uses loses none.
+    fn renew_claims(&mut self) -> Vec<SessionId> {
+        Vec::new()
+    }
     /// Loads a session, or `None` if it was never stored. A damaged event log is recovered (see
     /// the module documentation) and what was lost reported in [`StoredSession::damage`]; other
     /// damaged files of the session are errors.

@@ -927,3 +927,96 @@ fn a_lost_first_event_is_a_gap_and_an_absurd_held_time_is_refused() {
     connect_and_join(&mut r, 0, 1, absurd);
     assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::Malformed));
 }
+
+/// Memory storage shared with other reflectors in the test's imagination: `others` names the
+/// sessions they serve, `lost` the claims to report lost at the next renewal.
+#[derive(Default)]
+struct ClaimedStorage {
+    inner: crate::storage::MemoryStorage,
+    others: std::sync::Arc<std::sync::Mutex<HashMap<SessionId, std::net::SocketAddr>>>,
+    lost: std::sync::Arc<std::sync::Mutex<Vec<SessionId>>>,
+}
+
+impl Storage for ClaimedStorage {
+    fn claim(&mut self, session: &SessionId) -> Result<Claim, StorageError> {
+        Ok(self.others.lock().unwrap().get(session).map_or(Claim::Owned, |&addr| Claim::ServedBy(addr)))
+    }
+    fn renew_claims(&mut self) -> Vec<SessionId> {
+        std::mem::take(&mut *self.lost.lock().unwrap())
+    }
+    fn load_session(&mut self, session: &SessionId) -> Result<Option<StoredSession>, StorageError> {
+        self.inner.load_session(session)
+    }
+    fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError> {
+        self.inner.create_session(session, meta)
+    }
+    fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError> {
+        self.inner.append_events(session, events)
+    }
+    fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError> {
+        self.inner.mark_time(session, time)
+    }
+    fn store_snapshot(
+        &mut self,
+        session: &SessionId,
+        snapshot: &SnapshotRecord,
+        remaining: &[StampedEvent],
+    ) -> Result<(), StorageError> {
+        self.inner.store_snapshot(session, snapshot, remaining)
+    }
+    fn load_persisted(&mut self, persistent_id: &PersistentId) -> Result<Option<PersistRecord>, StorageError> {
+        self.inner.load_persisted(persistent_id)
+    }
+    fn store_persisted(&mut self, persistent_id: &PersistentId, record: &PersistRecord) -> Result<(), StorageError> {
+        self.inner.store_persisted(persistent_id, record)
+    }
+    fn load_member_key(&mut self, persistent_id: &PersistentId) -> Result<Option<[u8; 32]>, StorageError> {
+        self.inner.load_member_key(persistent_id)
+    }
+    fn pin_member_key(&mut self, persistent_id: &PersistentId, key: &[u8; 32]) -> Result<(), StorageError> {
+        self.inner.pin_member_key(persistent_id, key)
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.inner.sync()
+    }
+}
+
+#[test]
+fn a_session_served_by_another_reflector_redirects_and_a_lost_claim_closes_its_clients() {
+    let storage = ClaimedStorage::default();
+    let (others, lost) = (storage.others.clone(), storage.lost.clone());
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), Box::new(storage));
+    connect_and_join(&mut r, 0, 1, join(10));
+    connect_and_join(&mut r, 0, 2, join(20));
+    let out = sent(&mut r);
+    assert!(out.iter().filter(|(_, m)| matches!(m, ServerMessage::Sync(_))).count() == 2, "both joined: {out:?}");
+
+    // Another reflector took the session over: this one stops serving it and closes its clients.
+    let owner: std::net::SocketAddr = "10.1.2.3:5800".parse().unwrap();
+    others.lock().unwrap().insert(SESSION, owner);
+    lost.lock().unwrap().push(SESSION);
+    r.poll(100);
+    let out = sent(&mut r);
+    for client in [1, 2] {
+        assert!(
+            out.iter()
+                .any(|(c, m)| *c == client && matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::Unavailable)),
+            "client {client} was closed: {out:?}"
+        );
+    }
+    assert!(!r.sessions.contains_key(&SESSION), "the session is no longer held");
+    r.disconnect(100, 1);
+    r.disconnect(100, 2);
+
+    // Coming back, a client is sent to the session's reflector, and nothing is loaded here.
+    connect_and_join(&mut r, 200, 3, join(10));
+    let out = sent(&mut r);
+    assert_eq!(out[0], (3, ServerMessage::Redirect(owner)));
+    assert!(
+        matches!(&out[1], (3, ServerMessage::Error(e)) if e.code == ErrorCode::Unavailable && e.message.contains("10.1.2.3:5800"))
+    );
+    assert_eq!(out.len(), 2);
+    assert!(!r.sessions.contains_key(&SESSION));
+    r.poll(10_000);
+    assert!(events(&sent(&mut r), 3).is_empty(), "nothing is stamped for a session served elsewhere");
+}
