@@ -408,7 +408,10 @@ impl SynqClient {
     }
 
     fn connect(&mut self, model: &ModelWorld) {
-        let connection = match self.connector.connect() {
+        let connection = self.connector.connect();
+        // The connector may have moved on to another reflector of a cluster.
+        self.reflector = self.connector.describe();
+        let connection = match connection {
             Ok(connection) => connection,
             Err(reason) => {
                 if self.lost_at.is_some() {
@@ -549,6 +552,16 @@ impl SynqClient {
                 }
                 ServerMessage::PersistAccepted { .. } | ServerMessage::Pong(_) => {}
                 ServerMessage::Consensus(record) => self.report_divergence(record),
+                ServerMessage::Redirect(to) => {
+                    // The `Unavailable` error that follows closes this connection; the next one
+                    // goes to the reflector that serves the session.
+                    match self.connector.redirect(*to) {
+                        Ok(()) => {
+                            info!("bevy_synq: the session is served by the reflector at udp://{to}; moving there")
+                        }
+                        Err(reason) => warn!("bevy_synq: {reason}"),
+                    }
+                }
                 ServerMessage::Error(error) => {
                     if error.code.is_final() {
                         return self.fail(format!("refused by the reflector: {}", error.message));

@@ -27,6 +27,13 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&mut self) -> Result<Box<dyn Connection>, String>;
     /// Where it connects, for logs.
     fn describe(&self) -> String;
+    /// The reflector said another reflector of its cluster serves the session, at `to`
+    /// ([`ServerMessage::Redirect`](synq_protocol::wire::ServerMessage::Redirect)): the next
+    /// [`connect`](Self::connect) goes there. A transport that cannot reach a socket address
+    /// refuses, as by default.
+    fn redirect(&mut self, to: std::net::SocketAddr) -> Result<(), String> {
+        Err(format!("{} cannot follow a redirect to {to}", self.describe()))
+    }
 }
 
 /// A connector shared by every join through one [`ReflectorTarget::Custom`](crate::ReflectorTarget::Custom).
@@ -39,6 +46,10 @@ impl Connector for SharedConnector {
 
     fn describe(&self) -> String {
         self.0.lock().map_or_else(|_| "a custom connector (poisoned)".into(), |c| c.describe())
+    }
+
+    fn redirect(&mut self, to: std::net::SocketAddr) -> Result<(), String> {
+        self.0.lock().map_err(|_| "the custom connector panicked earlier".to_string())?.redirect(to)
     }
 }
 

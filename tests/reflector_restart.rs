@@ -8,6 +8,8 @@ use bevy::ecs::system::RunSystemOnce;
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::KdfParams;
+use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
+use bevy_synq::transport::udp::UdpConnector;
 use bevy_synq::{ModelWorld, SynqClient};
 use common::process::{ReflectorProcess, data_dir, model_resource, run_until, synced, udp_app};
 use serde::{Deserialize, Serialize};
@@ -367,20 +369,29 @@ fn a_damaged_event_log_is_restored_from_the_replicas() {
 }
 
 #[test]
-fn clients_pointed_at_another_reflector_continue_the_session_there() {
+fn clients_whose_reflector_dies_move_to_the_next_in_their_list_and_continue_there() {
     let dir = data_dir("restart-moved");
     let other_dir = data_dir("restart-moved-other");
     let mut first = ReflectorProcess::start(&dir, None);
-    let target = common::process::MovableReflector(std::sync::Arc::new(std::sync::Mutex::new(first.addr)));
-    let mut a = common::process::movable_app(model, session(1), &target);
-    let mut b = common::process::movable_app(model, session(2), &target);
+    // Another reflector, on another port, with nothing of the session.
+    let second = ReflectorProcess::start(&other_dir, None);
+    let target = || {
+        let connector = UdpConnector::new(first.addr, DEFAULT_PROTOCOL_ID)
+            .with_fallbacks([second.addr])
+            .with_connect_timeout(Duration::from_millis(500));
+        ReflectorTarget::custom(connector)
+    };
+    let mut a = common::process::app_with(model, session(1), target());
+    let mut b = common::process::app_with(model, session(2), target());
     all_synced(&mut a, &mut b);
     let played = play(&mut a, &mut b, 0);
-    // Another reflector, on another port, with nothing of the session: the clients move to it.
-    let second = ReflectorProcess::start(&other_dir, None);
-    *target.0.lock().unwrap() = second.addr;
+    // The first one dies: the clients find it gone, try the next address, and reseed there.
     first.kill();
     back_after(&mut a, &mut b, 1);
+    for app in [&a, &b] {
+        let reflector = app.world().resource::<SynqConnection>().reflector.clone().unwrap_or_default();
+        assert!(reflector.contains(&second.addr.to_string()), "{reflector}");
+    }
     let after = play(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "the game was lost in the move");
     let mut c = udp_app(model, session(3), second.addr);

@@ -71,17 +71,56 @@ const DROP_WAIT: Duration = Duration::from_millis(250);
 /// Opens [`UdpConnection`]s to a reflector at a UDP address.
 #[derive(Clone, Debug)]
 pub struct UdpConnector {
+    /// Where the next connection goes: one of `addresses`.
     server_addr: SocketAddr,
+    /// Every reflector this connector may reach, in the order they are tried.
+    addresses: Vec<SocketAddr>,
     protocol_id: u64,
     limits: Limits,
     connect_timeout: Duration,
+    /// The last connection's shared state: whether it was ever established.
+    last: Option<Arc<Shared>>,
 }
 
 impl UdpConnector {
     /// Connects to the reflector at `server_addr`, which must use the same netcode `protocol_id`
     /// (usually [`synq_protocol::udp::DEFAULT_PROTOCOL_ID`]).
     pub fn new(server_addr: SocketAddr, protocol_id: u64) -> Self {
-        Self { server_addr, protocol_id, limits: Limits::default(), connect_timeout: Duration::from_secs(5) }
+        Self {
+            server_addr,
+            addresses: vec![server_addr],
+            protocol_id,
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(5),
+            last: None,
+        }
+    }
+
+    /// Other reflectors of the same cluster (see `docs/cluster.md`), tried in order after the
+    /// first when a connection cannot be established: a client that lost its reflector reaches
+    /// another one, which serves the session or sends the client to the one that does
+    /// ([`ServerMessage::Redirect`]).
+    ///
+    /// ```
+    /// use bevy_synq::transport::udp::UdpConnector;
+    /// use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
+    ///
+    /// let edges = ["10.0.0.1:5800".parse().unwrap(), "10.0.0.2:5800".parse().unwrap()];
+    /// let connector = UdpConnector::new(edges[0], DEFAULT_PROTOCOL_ID).with_fallbacks(edges);
+    /// assert_eq!(connector.addresses(), &edges);
+    /// ```
+    pub fn with_fallbacks(mut self, addresses: impl IntoIterator<Item = SocketAddr>) -> Self {
+        for address in addresses {
+            if !self.addresses.contains(&address) {
+                self.addresses.push(address);
+            }
+        }
+        self
+    }
+
+    /// Every reflector this connector may reach, in the order they are tried.
+    pub fn addresses(&self) -> &[SocketAddr] {
+        &self.addresses
     }
 
     /// Decodes the reflector's frames within `limits` instead of the defaults.
@@ -98,12 +137,31 @@ impl UdpConnector {
 }
 
 impl Connector for UdpConnector {
+    /// Opens a connection to the current reflector; when the previous connection was never
+    /// established (no reflector answered there), to the next of [`UdpConnector::addresses`].
     fn connect(&mut self) -> Result<Box<dyn Connection>, String> {
-        Ok(Box::new(UdpConnection::open(self)?))
+        if self.last.take().is_some_and(|last| !last.was_established()) && self.addresses.len() > 1 {
+            let at = self.addresses.iter().position(|a| *a == self.server_addr).unwrap_or(0);
+            self.server_addr = self.addresses[(at + 1) % self.addresses.len()];
+            tracing::info!("bevy_synq: no answer from the previous reflector; trying udp://{}", self.server_addr);
+        }
+        let connection = UdpConnection::open(self)?;
+        self.last = Some(connection.shared.clone());
+        Ok(Box::new(connection))
     }
 
     fn describe(&self) -> String {
         format!("the reflector at udp://{}", self.server_addr)
+    }
+
+    /// The next connection goes to `to` (added to [`UdpConnector::addresses`] if new).
+    fn redirect(&mut self, to: SocketAddr) -> Result<(), String> {
+        if !self.addresses.contains(&to) {
+            self.addresses.push(to);
+        }
+        self.server_addr = to;
+        self.last = None;
+        Ok(())
     }
 }
 

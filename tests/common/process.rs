@@ -115,27 +115,8 @@ pub fn udp_app(model: impl ModelPlugin, session: SessionConfig, addr: SocketAddr
     app_with(model, session, ReflectorTarget::Udp(addr))
 }
 
-/// Where a client connects, changeable while it runs (as a game would after a failover).
-#[derive(Clone)]
-pub struct MovableReflector(pub std::sync::Arc<std::sync::Mutex<SocketAddr>>);
-
-impl bevy_synq::transport::Connector for MovableReflector {
-    fn connect(&mut self) -> Result<Box<dyn bevy_synq::transport::Connection>, String> {
-        let addr = *self.0.lock().unwrap();
-        bevy_synq::transport::udp::UdpConnector::new(addr, bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID).connect()
-    }
-
-    fn describe(&self) -> String {
-        format!("the reflector at udp://{}", self.0.lock().unwrap())
-    }
-}
-
-/// A client app whose reflector address can be changed while it runs.
-pub fn movable_app(model: impl ModelPlugin, session: SessionConfig, reflector: &MovableReflector) -> App {
-    app_with(model, session, ReflectorTarget::custom(reflector.clone()))
-}
-
-fn app_with(model: impl ModelPlugin, session: SessionConfig, target: ReflectorTarget) -> App {
+/// A client app reaching its reflector through `target`.
+pub fn app_with(model: impl ModelPlugin, session: SessionConfig, target: ReflectorTarget) -> App {
     let mut app = App::new();
     app.add_plugins(MinimalPlugins);
     app.add_plugins(SynqPlugin::new(model, session).with_reflector(target));

@@ -3,7 +3,7 @@
 use std::io;
 use std::net::UdpSocket;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -53,8 +53,11 @@ pub(super) enum State {
 }
 
 /// What the thread publishes for the app, and the send budget they share.
+#[derive(Debug)]
 pub(super) struct Shared {
     state: AtomicU8,
+    /// Whether the netcode handshake ever completed on this connection.
+    established: AtomicBool,
     /// renet's RTT in seconds, as `f64` bits; 0 until measured.
     rtt_bits: AtomicU64,
     /// Bytes the app may still queue: renet's free channel memory minus the frames queued in the
@@ -68,6 +71,7 @@ impl Shared {
     pub(super) fn new() -> Self {
         Self {
             state: AtomicU8::new(State::Connecting as u8),
+            established: AtomicBool::new(false),
             rtt_bits: AtomicU64::new(0),
             budget: AtomicUsize::new(CHANNEL_MEMORY_BYTES),
         }
@@ -82,7 +86,15 @@ impl Shared {
     }
 
     fn set_state(&self, state: State) {
+        if state == State::Connected {
+            self.established.store(true, Ordering::Relaxed);
+        }
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the connection was ever established (it may be closed since).
+    pub(super) fn was_established(&self) -> bool {
+        self.established.load(Ordering::Relaxed)
     }
 
     pub(super) fn rtt(&self) -> Option<Duration> {
