@@ -1,5 +1,6 @@
 //! `JetStreamStorage` against real `nats-server` processes: the behaviours `DiskStorage` is
-//! tested for, the fence against a second writer, and a NATS node killed with SIGKILL.
+//! tested for, the fence against a second writer, a NATS node killed with SIGKILL, and a
+//! `synq-reflector --cluster` process killed with SIGKILL whose session another one resumes.
 #![cfg(feature = "cluster")]
 
 use std::time::{Duration, Instant};
@@ -10,9 +11,11 @@ use synq_protocol::membership::MemberSignature;
 use synq_protocol::wire::{EventBody, PersistRecord, SnapshotRecord, StampedEvent};
 use synq_reflector::storage::{JetStreamOptions, JetStreamStorage, SessionMeta, Storage, StorageError};
 
-#[path = "common/nats.rs"]
-mod nats;
-use nats::{NatsCluster, nats_available};
+mod common;
+use common::ReflectorProcess;
+use common::nats::{NatsCluster, nats_available};
+use common::raw_client::{RawClient, event as client_event, join, view_event};
+use synq_protocol::wire::{ServerMessage, SyncStart};
 
 fn sealed(byte: u8) -> Sealed {
     Sealed { nonce: [byte; 24], ciphertext: vec![byte; 40] }
@@ -344,4 +347,55 @@ fn appends_and_loads_survive_killing_a_nats_node() {
         // two only while at most one node is down).
         cluster.restart(victim);
     }
+}
+
+/// Two clients send events through a `synq-reflector --cluster`, which is then killed with
+/// SIGKILL; a second reflector process on another port, given the same cluster, serves the
+/// session: a client rejoining there with `resume_after` gets every event the first one
+/// acknowledged, as it was stamped.
+#[test]
+fn another_reflector_resumes_a_killed_ones_session() {
+    if !nats_available("another_reflector_resumes_a_killed_ones_session") {
+        return;
+    }
+    let cluster = NatsCluster::start("process", 3);
+    // The stream and buckets exist before the reflectors start.
+    drop(connect(&cluster));
+    let mut first = ReflectorProcess::start_cluster("cluster-first", &cluster.url_list(), &[]);
+    let mut a = RawClient::connect(first.addr, 1);
+    a.join(join(1));
+    let start = a.wait_for("Sync", |m| match m {
+        ServerMessage::Sync(sync) => Some(sync.clone()),
+        _ => None,
+    });
+    let mut b = RawClient::connect(first.addr, 2);
+    b.join(join(2));
+    b.wait_for("Sync", |m| matches!(m, ServerMessage::Sync(_)).then_some(()));
+    let payloads: [&'static [u8]; 6] = [b"a1", b"b1", b"a2", b"b2", b"a3", b"b3"];
+    let mut acknowledged = Vec::new();
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let sender = if i % 2 == 0 { &mut a } else { &mut b };
+        sender.send(&client_event(payload));
+        // Broadcast (its sender sees it) only once stored.
+        acknowledged.push(sender.wait_for("the event stamped", view_event(payload)));
+    }
+    first.assert_alive();
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+
+    let second = ReflectorProcess::start_cluster("cluster-second", &cluster.url_list(), &[]);
+    assert_ne!(second.addr, first.addr);
+    let mut rejoining = RawClient::connect(second.addr, 3);
+    let last = acknowledged.last().unwrap();
+    rejoining.join(synq_protocol::wire::Join { resume_after: Some(start.seq), held_time: start.time, ..join(1) });
+    let sync = rejoining.wait_for("Sync", |m| match m {
+        ServerMessage::Sync(sync) => Some(sync.clone()),
+        _ => None,
+    });
+    assert_eq!(sync.start, SyncStart::Resume, "{sync:?}");
+    let mut served = sync.events.iter();
+    for event in &acknowledged {
+        assert!(served.any(|e| e == event), "{event:?} missing from the resumed session's events {:?}", sync.events);
+    }
+    assert!(sync.seq >= last.seq && sync.time >= last.time, "{sync:?}");
 }
