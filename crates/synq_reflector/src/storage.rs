@@ -3,8 +3,15 @@
 //! key.
 //!
 //! [`Storage`] is the seam: [`MemoryStorage`] keeps nothing across restarts (tests, solo play);
-//! [`DiskStorage`] is the embedded default of the `synq-reflector` binary. An object store can
-//! implement the same trait.
+//! [`DiskStorage`] is the embedded default of the `synq-reflector` binary; `JetStreamStorage`
+//! (feature `cluster`) keeps sessions in a NATS JetStream cluster, where another reflector can
+//! resume them (`synq-reflector --cluster`, see `docs/cluster.md`).
+//!
+//! The contract below is written for files; `JetStreamStorage` meets it as follows: an append
+//! returns once a quorum of the stream's replicas stored it (so [`Storage::sync`] has nothing to
+//! do), objects are replaced atomically (a reader gets the old or the new one, digest-checked),
+//! records and objects carry a version byte instead of a checksum (JetStream checksums its own
+//! storage), and damaged data is left in place as it is, with no copy beside it.
 //!
 //! Durability contract:
 //!

@@ -86,16 +86,21 @@ impl Default for JetStreamOptions {
 ///
 /// Events are published with the message id `<session id>:<generation>:<seq>` (the generation
 /// changes when a session starts over): JetStream keeps one message per id within its
-/// duplicate window, so if two reflectors serve one session, the second to store an event
-/// sequence number is refused with [`StorageError::Conflict`] instead of forking the log.
+/// duplicate window (2 minutes). A duplicate acknowledgement is checked against the stored
+/// message: this process's own event (an earlier attempt whose acknowledgement was lost) is
+/// fine; another writer's is [`StorageError::Conflict`], so if two reflectors serve one session
+/// the second to store a sequence number is refused instead of forking the log. This is a fence,
+/// not ownership: see `docs/cluster.md`.
 ///
 /// Damage: a record or object that does not decode is handled as [`DiskStorage`](super::DiskStorage)
 /// handles damaged files (records skipped and reported in [`StoredSession::damage`]; other
 /// objects reported as [`StorageError::Corrupt`]) but nothing is rewritten: the damaged
 /// messages stay where they are for an operator, and are reported on every load.
 ///
-/// The client runs on a small Tokio runtime owned by the storage; every call blocks on it,
-/// bounded by [`JetStreamOptions::timeout`].
+/// The client runs on a small Tokio runtime (one worker thread, so the connection is kept alive
+/// between calls) owned by the storage; every call blocks on it. Each request is bounded by
+/// [`JetStreamOptions::timeout`]; a failed one is retried until that much time has passed since
+/// the first attempt, then the call fails with [`StorageError::Unavailable`].
 pub struct JetStreamStorage {
     runtime: tokio::runtime::Runtime,
     jetstream: jetstream::Context,
@@ -703,5 +708,28 @@ impl Storage for JetStreamStorage {
 
     fn unload_session(&mut self, session: &SessionId) {
         self.known.remove(session);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_decode_only_with_their_version_and_nothing_more() {
+        let bytes = encode(&LogRecord::Mark(3_014)).unwrap();
+        assert_eq!(bytes[0], FORMAT_VERSION);
+        assert_eq!(decode::<LogRecord>(&bytes), Ok(LogRecord::Mark(3_014)));
+        assert_eq!(decode::<LogRecord>(&[]), Err("empty".to_string()));
+        let mut future = bytes.to_vec();
+        future[0] = 2;
+        assert_eq!(decode::<LogRecord>(&future), Err("unknown format version 2".to_string()));
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert_eq!(decode::<LogRecord>(&longer), Err("undecodable: 1 bytes too many".to_string()));
+        let cut = &bytes[..1];
+        assert!(decode::<LogRecord>(cut).unwrap_err().starts_with("undecodable"));
+        // A length prefix claiming far more than there is fails without allocating it.
+        assert!(decode::<Vec<u8>>(&[FORMAT_VERSION, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
     }
 }
