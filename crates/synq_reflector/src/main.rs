@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! synq-reflector --listen 127.0.0.1:5800 --data-dir ./synq-data
+//! synq-reflector --listen 127.0.0.1:5800 --cluster nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222
 //! ```
+//!
+//! With `--cluster`, sessions are kept in a NATS JetStream cluster instead of a data directory,
+//! so that another reflector can resume the sessions of one that died (see `docs/cluster.md`).
 //!
 //! Once bound it prints `synq-reflector listening on udp://ADDR` on stdout. Logs go to stderr; `RUST_LOG` filters them (default `info,renetcode=off`: renetcode logs one error per
 //! packet it refuses, which anyone can turn into gigabytes of logs; those errors are counted and
@@ -31,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use synq_reflector::storage::{JetStreamOptions, JetStreamStorage, Storage};
 use synq_reflector::{AccessControl, ReflectorConfig};
 
 mod persisted_cli;
@@ -55,6 +60,14 @@ struct Args {
     /// Directory for sessions' snapshots and persisted data (created if missing).
     #[arg(long, default_value = "./synq-data")]
     data_dir: PathBuf,
+    /// Keep sessions in a NATS JetStream cluster instead of a data directory: its servers' URLs,
+    /// comma-separated (nats://HOST:PORT,...). The stream and buckets are created if missing.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', conflicts_with = "data_dir")]
+    cluster: Vec<String>,
+    /// Replicas of the JetStream stream and buckets created with --cluster (default: 3 on a
+    /// clustered server, 1 on a single one).
+    #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u64).range(1..=5))]
+    cluster_replicas: Option<u64>,
     /// Heartbeat tick period (ms) for sessions whose creator asks for none.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(10..=30_000))]
     tick_ms: u32,
@@ -142,7 +155,22 @@ fn main() -> ExitCode {
         return persisted_cli::run(action);
     }
 
-    tracing::info!(data_dir = %args.data_dir.display(), "data directory");
+    let storage = if args.cluster.is_empty() {
+        tracing::info!(data_dir = %args.data_dir.display(), "data directory");
+        None
+    } else {
+        let options = JetStreamOptions { replicas: args.cluster_replicas.map(|r| r as usize), ..Default::default() };
+        match JetStreamStorage::connect(&args.cluster, options) {
+            Ok(storage) => {
+                tracing::info!(servers = ?args.cluster, "sessions kept in the NATS JetStream cluster");
+                Some(Box::new(storage) as Box<dyn Storage>)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let access = if args.api_keys.is_empty() {
         tracing::warn!("no --api-key given: every app is admitted");
         AccessControl::Open
@@ -183,13 +211,17 @@ fn main() -> ExitCode {
             memory_budget_bytes: args.memory_budget_mib << 20,
             ..ReflectorConfig::default()
         },
-        data_dir: Some(args.data_dir.clone()),
+        data_dir: storage.is_none().then(|| args.data_dir.clone()),
         frame_flush: Duration::from_micros(args.frame_flush_us),
         join_timeout: Duration::from_millis(args.join_timeout_ms),
         max_connections_per_ip: args.max_connections_per_ip as usize,
         max_sender_backlog_bytes: (args.max_sender_backlog_kib as usize) << 10,
     };
-    let mut reflector = match UdpReflector::bind(config) {
+    let bound = match storage {
+        Some(storage) => UdpReflector::bind_with_storage(config, storage),
+        None => UdpReflector::bind(config),
+    };
+    let mut reflector = match bound {
         Ok(reflector) => reflector,
         Err(e) => {
             tracing::error!("{e}");

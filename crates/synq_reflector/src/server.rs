@@ -76,7 +76,7 @@ use synq_protocol::wire::{ClientMessage, ErrorCode, ErrorMessage, ServerMessage}
 use transport::{Event, Transport};
 
 use crate::core::{ClientId, Output, Reflector, ReflectorConfig};
-use crate::storage::{DiskStorage, StorageError};
+use crate::storage::{DiskStorage, Storage, StorageError};
 
 /// The address the binary listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
@@ -169,6 +169,9 @@ pub enum ServerError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// [`UdpReflector::bind_with_storage`] was given a configuration with a data directory too.
+    #[error("a storage backend and a data directory were both given; choose one")]
+    TwoStorages,
     /// `max_clients` is out of range.
     #[error("max clients must be between 1 and {MAX_CLIENTS_LIMIT}, not {0}")]
     MaxClients(usize),
@@ -245,8 +248,27 @@ fn unix_now() -> Duration {
 }
 
 impl UdpReflector {
-    /// Binds the socket and starts a reflector with no sessions.
+    /// Binds the socket and starts a reflector with no sessions, keeping them in
+    /// [`UdpReflectorConfig::data_dir`] (in memory only without one).
     pub fn bind(config: UdpReflectorConfig) -> Result<Self, ServerError> {
+        let storage = match &config.data_dir {
+            Some(dir) => Some(Box::new(DiskStorage::open(dir)?) as Box<dyn Storage>),
+            None => None,
+        };
+        Self::bind_to(config, storage)
+    }
+
+    /// Binds the socket and starts a reflector with no sessions, keeping them in `storage` (for
+    /// example the `cluster` feature's `JetStreamStorage`, which several reflectors can share).
+    /// `config.data_dir` must be `None`.
+    pub fn bind_with_storage(config: UdpReflectorConfig, storage: Box<dyn Storage>) -> Result<Self, ServerError> {
+        if config.data_dir.is_some() {
+            return Err(ServerError::TwoStorages);
+        }
+        Self::bind_to(config, Some(storage))
+    }
+
+    fn bind_to(config: UdpReflectorConfig, storage: Option<Box<dyn Storage>>) -> Result<Self, ServerError> {
         if config.max_clients == 0 || config.max_clients > MAX_CLIENTS_LIMIT {
             return Err(ServerError::MaxClients(config.max_clients));
         }
@@ -267,8 +289,8 @@ impl UdpReflector {
             authentication: ServerAuthentication::Unsecure,
         };
         let transport = Transport::new(netcode, socket, LogLimit::new(REPORT_EVERY)).map_err(bind_error)?;
-        let core = match &config.data_dir {
-            Some(dir) => Reflector::with_storage(config.reflector, Box::new(DiskStorage::open(dir)?)),
+        let core = match storage {
+            Some(storage) => Reflector::with_storage(config.reflector, storage),
             None => Reflector::new(config.reflector),
         };
         let now = Instant::now();

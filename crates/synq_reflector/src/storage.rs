@@ -3,8 +3,15 @@
 //! key.
 //!
 //! [`Storage`] is the seam: [`MemoryStorage`] keeps nothing across restarts (tests, solo play);
-//! [`DiskStorage`] is the embedded default of the `synq-reflector` binary. An object store can
-//! implement the same trait.
+//! [`DiskStorage`] is the embedded default of the `synq-reflector` binary; `JetStreamStorage`
+//! (feature `cluster`) keeps sessions in a NATS JetStream cluster, where another reflector can
+//! resume them (`synq-reflector --cluster`, see `docs/cluster.md`).
+//!
+//! The contract below is written for files; `JetStreamStorage` meets it as follows: an append
+//! returns once a quorum of the stream's replicas stored it (so [`Storage::sync`] has nothing to
+//! do), objects are replaced atomically (a reader gets the old or the new one, digest-checked),
+//! records and objects carry a version byte instead of a checksum (JetStream checksums its own
+//! storage), and damaged data is left in place as it is, with no copy beside it.
 //!
 //! Durability contract:
 //!
@@ -38,6 +45,8 @@
 //!   [`StorageError::public_reason`] and [`StorageDamage`]'s `Display`, which name none.
 
 mod disk;
+#[cfg(feature = "cluster")]
+mod jetstream;
 mod log;
 
 use std::collections::HashMap;
@@ -47,9 +56,15 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use synq_protocol::ids::{PersistentId, SessionId};
+use synq_protocol::seq_le;
 use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent};
 
 pub use disk::DiskStorage;
+#[cfg(feature = "cluster")]
+pub use jetstream::{
+    JetStreamOptions, JetStreamStorage, LOG_STREAM, LOG_SUBJECTS, MEMBERS_BUCKET, PERSISTED_BUCKET, SESSIONS_BUCKET,
+    SNAPSHOTS_BUCKET,
+};
 
 /// A failure of the storage backend.
 #[derive(Debug, thiserror::Error)]
@@ -62,16 +77,33 @@ pub enum StorageError {
         /// The error.
         source: io::Error,
     },
-    /// A stored file is damaged (bad checksum, truncated, undecodable). It was not loaded; it was
-    /// left in place, and a copy of it kept beside it.
+    /// A stored file or object is damaged (bad checksum, truncated, undecodable). It was not
+    /// loaded; it was left in place, and a file's copy kept beside it.
     #[error("stored {what} {path} is corrupt ({reason}); it was not loaded and was left in place")]
     Corrupt {
-        /// The file.
+        /// The file (for an object of [`JetStreamStorage`], `nats:<bucket>/<key>`).
         path: PathBuf,
         /// What the file holds ("snapshot", "persisted data", …).
         what: &'static str,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A storage service (the NATS JetStream cluster) failed or did not answer in time.
+    #[error("storage service failed while {action}: {reason}")]
+    Unavailable {
+        /// What the storage was doing.
+        action: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another writer already stored an event under this sequence number of the session: two
+    /// reflectors serve the session. The event was not stored again.
+    #[error("session {session}: another writer already stored event {seq} (two reflectors serve this session)")]
+    Conflict {
+        /// The session.
+        session: String,
+        /// The event's sequence number.
+        seq: u32,
     },
 }
 
@@ -81,6 +113,8 @@ impl StorageError {
         match self {
             StorageError::Io { source, .. } => format!("the reflector's storage failed ({})", source.kind()),
             StorageError::Corrupt { what, reason, .. } => format!("the stored {what} is damaged ({reason})"),
+            StorageError::Unavailable { .. } => "the reflector's storage is unavailable".to_string(),
+            StorageError::Conflict { .. } => "another reflector is serving this session".to_string(),
         }
     }
 }
@@ -177,6 +211,23 @@ impl fmt::Display for StorageDamage {
             parts.join("; ")
         )
     }
+}
+
+/// The sequence numbers missing between `events`, and before them if they should follow `base`
+/// (the snapshot's).
+fn missing_seqs(base: Option<u32>, events: &[StampedEvent]) -> Vec<(u32, u32)> {
+    let mut missing = Vec::new();
+    let mut last = base;
+    for event in events {
+        if let Some(last) = last {
+            let expected = last.wrapping_add(1);
+            if event.seq != expected && seq_le(expected, event.seq) {
+                missing.push((expected, event.seq.wrapping_sub(1)));
+            }
+        }
+        last = Some(event.seq);
+    }
+    missing
 }
 
 /// Which reflector serves a session, when several share one storage (cluster mode).

@@ -11,7 +11,7 @@ use synq_protocol::seq_le;
 use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent};
 
 use super::log::{self, LogRecord, ReadLog};
-use super::{SessionMeta, Storage, StorageDamage, StorageError, StoredSession};
+use super::{SessionMeta, Storage, StorageDamage, StorageError, StoredSession, missing_seqs};
 
 /// A data directory on local disk.
 ///
@@ -116,23 +116,6 @@ fn read_checked<T: for<'de> Deserialize<'de>>(path: &Path, what: &'static str) -
         Err(copy_error) => tracing::error!(%error, %copy_error, "damaged file left in place; no copy could be kept"),
     }
     Err(error)
-}
-
-/// The sequence numbers missing between `events`, and before them if they should follow `base`
-/// (the snapshot's).
-fn missing_seqs(base: Option<u32>, events: &[StampedEvent]) -> Vec<(u32, u32)> {
-    let mut missing = Vec::new();
-    let mut last = base;
-    for event in events {
-        if let Some(last) = last {
-            let expected = last.wrapping_add(1);
-            if event.seq != expected && seq_le(expected, event.seq) {
-                missing.push((expected, event.seq.wrapping_sub(1)));
-            }
-        }
-        last = Some(event.seq);
-    }
-    missing
 }
 
 impl DiskStorage {

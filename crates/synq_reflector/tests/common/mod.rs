@@ -2,6 +2,9 @@
 //! port, with its log collected.
 #![allow(dead_code)]
 
+pub mod nats;
+pub mod raw_client;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -23,9 +26,22 @@ impl ReflectorProcess {
     /// Starts the binary with `extra` options and the default log filter (`info,renetcode=off`).
     pub fn start(name: &str, extra: &[&str]) -> Self {
         let data_dir = std::env::temp_dir().join(format!("synq-process-{name}-{}", std::process::id()));
+        let storage = [std::ffi::OsStr::new("--data-dir"), data_dir.as_os_str()];
+        Self::spawn(&storage, extra, data_dir.clone())
+    }
+
+    /// Starts the binary keeping its sessions in the NATS JetStream cluster at `urls`
+    /// (comma-separated), with `extra` options.
+    pub fn start_cluster(name: &str, urls: &str, extra: &[&str]) -> Self {
+        // No data directory is created; the path only names the process in messages.
+        let data_dir = std::env::temp_dir().join(format!("synq-process-{name}-{}-unused", std::process::id()));
+        Self::spawn(&[std::ffi::OsStr::new("--cluster"), std::ffi::OsStr::new(urls)], extra, data_dir)
+    }
+
+    fn spawn(storage: &[&std::ffi::OsStr], extra: &[&str], data_dir: std::path::PathBuf) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_synq-reflector"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(storage)
             .args(extra)
             // The binary's default filter (`info,renetcode=off`) is part of what is tested.
             .env_remove("RUST_LOG")
@@ -55,7 +71,7 @@ impl ReflectorProcess {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("synq-reflector did not report its address");
+                panic!("synq-reflector did not report its address; log: {:?}", log.lock().unwrap());
             }
         };
         let addr = line.rsplit("udp://").next().and_then(|a| a.trim().parse().ok());
