@@ -68,6 +68,16 @@ struct Args {
     /// clustered server, 1 on a single one).
     #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u64).range(1..=5))]
     cluster_replicas: Option<u64>,
+    /// With --cluster: the address clients reach this reflector at, which the other reflectors
+    /// send the clients of this reflector's sessions to (default: the address it listens on,
+    /// which must then not be 0.0.0.0 or [::]).
+    #[arg(long, requires = "cluster")]
+    advertise: Option<SocketAddr>,
+    /// With --cluster: how long this reflector's claim on a session lasts unless renewed (every
+    /// third of it). When a reflector dies, another takes its sessions over this long after its
+    /// last renewal.
+    #[arg(long, requires = "cluster", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(500..=60_000))]
+    claim_ttl_ms: u64,
     /// Heartbeat tick period (ms) for sessions whose creator asks for none.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(10..=30_000))]
     tick_ms: u32,
@@ -155,22 +165,12 @@ fn main() -> ExitCode {
         return persisted_cli::run(action);
     }
 
-    let storage = if args.cluster.is_empty() {
+    if args.cluster.is_empty() {
         tracing::info!(data_dir = %args.data_dir.display(), "data directory");
-        None
-    } else {
-        let options = JetStreamOptions { replicas: args.cluster_replicas.map(|r| r as usize), ..Default::default() };
-        match JetStreamStorage::connect(&args.cluster, options) {
-            Ok(storage) => {
-                tracing::info!(servers = ?args.cluster, "sessions kept in the NATS JetStream cluster");
-                Some(Box::new(storage) as Box<dyn Storage>)
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
+    } else if args.advertise.is_none() && args.listen.ip().is_unspecified() {
+        tracing::error!("--cluster with --listen {}: give --advertise, the address clients reach", args.listen);
+        return ExitCode::FAILURE;
+    }
     let access = if args.api_keys.is_empty() {
         tracing::warn!("no --api-key given: every app is admitted");
         AccessControl::Open
@@ -211,15 +211,28 @@ fn main() -> ExitCode {
             memory_budget_bytes: args.memory_budget_mib << 20,
             ..ReflectorConfig::default()
         },
-        data_dir: storage.is_none().then(|| args.data_dir.clone()),
+        data_dir: args.cluster.is_empty().then(|| args.data_dir.clone()),
         frame_flush: Duration::from_micros(args.frame_flush_us),
         join_timeout: Duration::from_millis(args.join_timeout_ms),
         max_connections_per_ip: args.max_connections_per_ip as usize,
         max_sender_backlog_bytes: (args.max_sender_backlog_kib as usize) << 10,
     };
-    let bound = match storage {
-        Some(storage) => UdpReflector::bind_with_storage(config, storage),
-        None => UdpReflector::bind(config),
+    let bound = if args.cluster.is_empty() {
+        UdpReflector::bind(config)
+    } else {
+        UdpReflector::bind_with_storage(config, |bound| {
+            // Other reflectors of the cluster send clients here: the address they reach.
+            let advertise = args.advertise.unwrap_or(bound);
+            let options = JetStreamOptions {
+                replicas: args.cluster_replicas.map(|r| r as usize),
+                advertise: Some(advertise),
+                claim_ttl: Duration::from_millis(args.claim_ttl_ms),
+                ..Default::default()
+            };
+            let storage = JetStreamStorage::connect(&args.cluster, options)?;
+            tracing::info!(servers = ?args.cluster, %advertise, "sessions kept in the NATS JetStream cluster");
+            Ok(Box::new(storage) as Box<dyn Storage>)
+        })
     };
     let mut reflector = match bound {
         Ok(reflector) => reflector,

@@ -251,24 +251,31 @@ impl UdpReflector {
     /// Binds the socket and starts a reflector with no sessions, keeping them in
     /// [`UdpReflectorConfig::data_dir`] (in memory only without one).
     pub fn bind(config: UdpReflectorConfig) -> Result<Self, ServerError> {
-        let storage = match &config.data_dir {
-            Some(dir) => Some(Box::new(DiskStorage::open(dir)?) as Box<dyn Storage>),
-            None => None,
-        };
-        Self::bind_to(config, storage)
+        let data_dir = config.data_dir.clone();
+        Self::bind_to(config, |_| match data_dir {
+            Some(dir) => Ok(Some(Box::new(DiskStorage::open(&dir)?) as Box<dyn Storage>)),
+            None => Ok(None),
+        })
     }
 
-    /// Binds the socket and starts a reflector with no sessions, keeping them in `storage` (for
-    /// example the `cluster` feature's `JetStreamStorage`, which several reflectors can share).
-    /// `config.data_dir` must be `None`.
-    pub fn bind_with_storage(config: UdpReflectorConfig, storage: Box<dyn Storage>) -> Result<Self, ServerError> {
+    /// Binds the socket and starts a reflector with no sessions, keeping them in the storage
+    /// `storage` makes once the socket is bound, from the address it is bound to (for example
+    /// the `cluster` feature's `JetStreamStorage`, which several reflectors share and which
+    /// advertises that address to the others). `config.data_dir` must be `None`.
+    pub fn bind_with_storage(
+        config: UdpReflectorConfig,
+        storage: impl FnOnce(SocketAddr) -> Result<Box<dyn Storage>, StorageError>,
+    ) -> Result<Self, ServerError> {
         if config.data_dir.is_some() {
             return Err(ServerError::TwoStorages);
         }
-        Self::bind_to(config, Some(storage))
+        Self::bind_to(config, |addr| storage(addr).map(Some))
     }
 
-    fn bind_to(config: UdpReflectorConfig, storage: Option<Box<dyn Storage>>) -> Result<Self, ServerError> {
+    fn bind_to(
+        config: UdpReflectorConfig,
+        storage: impl FnOnce(SocketAddr) -> Result<Option<Box<dyn Storage>>, StorageError>,
+    ) -> Result<Self, ServerError> {
         if config.max_clients == 0 || config.max_clients > MAX_CLIENTS_LIMIT {
             return Err(ServerError::MaxClients(config.max_clients));
         }
@@ -289,7 +296,7 @@ impl UdpReflector {
             authentication: ServerAuthentication::Unsecure,
         };
         let transport = Transport::new(netcode, socket, LogLimit::new(REPORT_EVERY)).map_err(bind_error)?;
-        let core = match storage {
+        let core = match storage(local_addr)? {
             Some(storage) => Reflector::with_storage(config.reflector, storage),
             None => Reflector::new(config.reflector),
         };

@@ -62,8 +62,8 @@ use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEve
 pub use disk::DiskStorage;
 #[cfg(feature = "cluster")]
 pub use jetstream::{
-    JetStreamOptions, JetStreamStorage, LOG_STREAM, LOG_SUBJECTS, MEMBERS_BUCKET, PERSISTED_BUCKET, SESSIONS_BUCKET,
-    SNAPSHOTS_BUCKET,
+    CLAIM_SUBJECTS, CLAIMS_STREAM, JetStreamOptions, JetStreamStorage, LOG_STREAM, LOG_SUBJECTS, MEMBERS_BUCKET,
+    PERSISTED_BUCKET, SESSIONS_BUCKET, SNAPSHOTS_BUCKET,
 };
 
 /// A failure of the storage backend.

@@ -18,7 +18,10 @@ use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEve
 use tokio::io::AsyncReadExt;
 
 use super::log::LogRecord;
-use super::{SessionMeta, Storage, StorageDamage, StorageError, StoredSession, missing_seqs};
+use super::{Claim, SessionMeta, Storage, StorageDamage, StorageError, StoredSession, missing_seqs};
+
+mod claims;
+pub use claims::{CLAIM_SUBJECTS, CLAIMS_STREAM};
 
 /// The stream holding every session's event log.
 pub const LOG_STREAM: &str = "SYNQ_LOG";
@@ -60,11 +63,27 @@ pub struct JetStreamOptions {
     /// How long [`JetStreamStorage::connect`] keeps retrying to reach the cluster and set up the
     /// stream and buckets (a cluster that just started has no JetStream leader for a few seconds).
     pub connect_timeout: Duration,
+    /// Where clients reach this reflector. With it, the storage claims every session before the
+    /// reflector loads it ([`Storage::claim`], in [`CLAIMS_STREAM`]), so that of several
+    /// reflectors sharing the cluster exactly one serves a session and the others send its
+    /// clients there. `None`: no claims, for a storage only one reflector uses at a time (tools,
+    /// tests).
+    pub advertise: Option<std::net::SocketAddr>,
+    /// How long a claim lasts unless renewed (it is renewed every third of it). When the
+    /// reflector serving a session dies, another one may take the session over this long after
+    /// the last renewal.
+    pub claim_ttl: Duration,
 }
 
 impl Default for JetStreamOptions {
     fn default() -> Self {
-        Self { replicas: None, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(30) }
+        Self {
+            replicas: None,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
+            advertise: None,
+            claim_ttl: Duration::from_secs(3),
+        }
     }
 }
 
@@ -112,6 +131,8 @@ pub struct JetStreamStorage {
     timeout: Duration,
     /// What this process knows of the sessions it loaded or wrote.
     known: HashMap<SessionId, Known>,
+    /// The sessions this reflector claimed, if it claims sessions.
+    claims: Option<claims::Claims>,
 }
 
 /// What the storage keeps in memory about a session.
@@ -241,7 +262,25 @@ impl JetStreamStorage {
             })
             .map_err(unavailable("setting up the JetStream stream and buckets"))?;
         tracing::info!(replicas, stream = LOG_STREAM, "JetStream storage ready");
-        Ok(Self { runtime, jetstream, log, sessions, snapshots, persisted, members, timeout, known: HashMap::new() })
+        let claims = match options.advertise {
+            Some(advertise) => {
+                let set_up = claims::Claims::set_up(&jetstream, replicas, advertise, options.claim_ttl);
+                Some(runtime.block_on(bounded("setting up the claims stream", timeout, set_up))?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            runtime,
+            jetstream,
+            log,
+            sessions,
+            snapshots,
+            persisted,
+            members,
+            timeout,
+            known: HashMap::new(),
+            claims,
+        })
     }
 }
 
@@ -708,6 +747,31 @@ impl Storage for JetStreamStorage {
 
     fn unload_session(&mut self, session: &SessionId) {
         self.known.remove(session);
+        if let Some(claims) = self.claims.as_mut() {
+            self.runtime.block_on(claims.release(&self.jetstream, session, self.timeout));
+        }
+    }
+
+    /// Takes the session's claim in [`CLAIMS_STREAM`] unless another reflector holds it (with
+    /// [`JetStreamOptions::advertise`] set; otherwise every session is this reflector's).
+    fn claim(&mut self, session: &SessionId) -> Result<Claim, StorageError> {
+        let Some(claims) = self.claims.as_mut() else { return Ok(Claim::Owned) };
+        if claims.holds(session) {
+            return Ok(Claim::Owned);
+        }
+        let claim = self.runtime.block_on(claims.claim(&self.jetstream, session, self.timeout))?;
+        // Another reflector may have written the session since this one last did: read it anew.
+        self.known.remove(session);
+        Ok(claim)
+    }
+
+    fn renew_claims(&mut self) -> Vec<SessionId> {
+        let Some(claims) = self.claims.as_mut() else { return Vec::new() };
+        let lost = self.runtime.block_on(claims.renew(&self.jetstream));
+        for session in &lost {
+            self.known.remove(session);
+        }
+        lost
     }
 }
 
