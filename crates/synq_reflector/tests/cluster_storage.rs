@@ -424,7 +424,7 @@ fn readers_get_the_old_or_the_new_snapshot_never_a_mix() {
         std::thread::spawn(move || {
             let mut puts = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                writer.store_snapshot(&s, &big_snapshot(if puts % 2 == 0 { 2 } else { 1 }), &[]).unwrap();
+                writer.store_snapshot(&s, &big_snapshot(if puts.is_multiple_of(2) { 2 } else { 1 }), &[]).unwrap();
                 puts += 1;
             }
             puts
