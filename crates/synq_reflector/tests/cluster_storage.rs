@@ -399,3 +399,48 @@ fn another_reflector_resumes_a_killed_ones_session() {
     }
     assert!(sync.seq >= last.seq && sync.time >= last.time, "{sync:?}");
 }
+
+/// A snapshot of about 600 KB (five object store chunks), told apart by `byte`.
+fn big_snapshot(byte: u8) -> SnapshotRecord {
+    let data = Sealed { nonce: [byte; 24], ciphertext: vec![byte; 600_000] };
+    SnapshotRecord { time: u64::from(byte), seq: 0, vote: [byte; 32], data, signature: MemberSignature::EMPTY }
+}
+
+/// While one reflector replaces a session's multi-chunk snapshot over and over, another loads
+/// the session: it always gets one of the two snapshots whole, never a mix or a torn one.
+#[test]
+fn readers_get_the_old_or_the_new_snapshot_never_a_mix() {
+    if !nats_available("readers_get_the_old_or_the_new_snapshot_never_a_mix") {
+        return;
+    }
+    let cluster = NatsCluster::start("atomic", 3);
+    let s = SessionId([1; 32]);
+    let mut writer = connect(&cluster);
+    writer.create_session(&s, &meta()).unwrap();
+    writer.store_snapshot(&s, &big_snapshot(1), &[]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut puts = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                writer.store_snapshot(&s, &big_snapshot(if puts.is_multiple_of(2) { 2 } else { 1 }), &[]).unwrap();
+                puts += 1;
+            }
+            puts
+        })
+    };
+    let mut reader = connect(&cluster);
+    let mut seen = [0u32; 2];
+    for _ in 0..40 {
+        let snapshot = reader.load_session(&s).unwrap().unwrap().snapshot.expect("a snapshot");
+        let byte = snapshot.vote[0];
+        assert!(byte == 1 || byte == 2, "unexpected snapshot {byte}");
+        assert_eq!(snapshot, big_snapshot(byte), "a snapshot mixing two versions");
+        seen[usize::from(byte - 1)] += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let puts = writing.join().unwrap();
+    eprintln!("{puts} snapshot puts while 40 loads saw {seen:?}");
+    assert!(puts >= 2, "the writer replaced the snapshot while the reader loaded");
+}

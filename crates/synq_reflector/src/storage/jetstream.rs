@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use synq_protocol::ids::{PersistentId, SessionId};
 use synq_protocol::seq_le;
 use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEvent};
-use tokio::io::AsyncReadExt;
 
 use super::log::LogRecord;
 use super::{Claim, SessionMeta, Storage, StorageDamage, StorageError, StoredSession, missing_seqs};
@@ -124,10 +123,10 @@ pub struct JetStreamStorage {
     runtime: tokio::runtime::Runtime,
     jetstream: jetstream::Context,
     log: stream::Stream,
-    sessions: object_store::ObjectStore,
-    snapshots: object_store::ObjectStore,
-    persisted: object_store::ObjectStore,
-    members: object_store::ObjectStore,
+    sessions: Bucket,
+    snapshots: Bucket,
+    persisted: Bucket,
+    members: Bucket,
     timeout: Duration,
     /// What this process knows of the sessions it loaded or wrote.
     known: HashMap<SessionId, Known>,
@@ -200,6 +199,8 @@ struct ReadLog {
     skipped: u32,
     /// Their bytes.
     skipped_bytes: u64,
+    /// The stream sequence number of the last message read.
+    last_sequence: Option<u64>,
 }
 
 impl JetStreamStorage {
@@ -285,13 +286,7 @@ impl JetStreamStorage {
 }
 
 /// The stream and buckets, created if missing.
-type Handles = (
-    stream::Stream,
-    object_store::ObjectStore,
-    object_store::ObjectStore,
-    object_store::ObjectStore,
-    object_store::ObjectStore,
-);
+type Handles = (stream::Stream, Bucket, Bucket, Bucket, Bucket);
 
 /// Gets or creates the stream and buckets; returns the replicas they were created with.
 async fn set_up(jetstream: &jetstream::Context, replicas: Option<usize>) -> Result<(usize, Handles), String> {
@@ -318,28 +313,23 @@ async fn set_up(jetstream: &jetstream::Context, replicas: Option<usize>) -> Resu
     let log = log.map_err(|e| format!("stream {LOG_STREAM}: {e}"))?;
     let replicas = replicas.unwrap_or(if log.cached_info().cluster.is_some() { 3 } else { 1 }).max(1);
     let mut buckets = Vec::new();
-    for bucket in [SESSIONS_BUCKET, SNAPSHOTS_BUCKET, PERSISTED_BUCKET, MEMBERS_BUCKET] {
-        let store = match jetstream.get_object_store(bucket).await {
+    for name in [SESSIONS_BUCKET, SNAPSHOTS_BUCKET, PERSISTED_BUCKET, MEMBERS_BUCKET] {
+        let store = match jetstream.get_object_store(name).await {
             Ok(store) => store,
             Err(_) => jetstream
                 .create_object_store(object_store::Config {
-                    bucket: bucket.into(),
+                    bucket: name.into(),
                     storage: stream::StorageType::File,
                     num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| format!("bucket {bucket}: {e}"))?,
+                .map_err(|e| format!("bucket {name}: {e}"))?,
         };
-        buckets.push(store);
+        let stream = jetstream.get_stream(format!("OBJ_{name}")).await.map_err(|e| format!("bucket {name}: {e}"))?;
+        buckets.push(Bucket { name, store, stream });
     }
-    let members = buckets.pop().expect("four buckets");
-    let mut infos = vec![log.cached_info().clone()];
-    for bucket in [SESSIONS_BUCKET, SNAPSHOTS_BUCKET, PERSISTED_BUCKET, MEMBERS_BUCKET] {
-        let stream =
-            jetstream.get_stream(format!("OBJ_{bucket}")).await.map_err(|e| format!("bucket {bucket}: {e}"))?;
-        infos.push(stream.cached_info().clone());
-    }
+    let infos = std::iter::once(&log).chain(buckets.iter().map(|bucket| &bucket.stream)).map(|s| s.cached_info());
     for info in infos {
         if info.config.num_replicas < replicas {
             tracing::warn!(
@@ -350,6 +340,7 @@ async fn set_up(jetstream: &jetstream::Context, replicas: Option<usize>) -> Resu
             );
         }
     }
+    let members = buckets.pop().expect("four buckets");
     let persisted = buckets.pop().expect("four buckets");
     let snapshots = buckets.pop().expect("four buckets");
     let sessions = buckets.pop().expect("four buckets");
@@ -370,47 +361,62 @@ async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// An object store bucket: its store (for puts) and its stream (for reads).
+struct Bucket {
+    name: &'static str,
+    store: object_store::ObjectStore,
+    stream: stream::Stream,
+}
+
 /// Reads an object whole; `None` if there is none. A read that fails its digest check, or an
 /// object too large, is [`StorageError::Corrupt`].
+///
+/// The chunks are read one by one with message gets from the bucket's stream leader, not
+/// through a consumer as async-nats' own reader does: creating a consumer waits for the
+/// cluster's metadata leader, which after losing a node takes far longer to come back than the
+/// stream's leader.
 async fn get_object(
-    store: &object_store::ObjectStore,
-    bucket: &'static str,
+    bucket: &Bucket,
     key: &str,
     what: &'static str,
     timeout: Duration,
 ) -> Result<Option<Vec<u8>>, StorageError> {
     let action = "reading an object";
-    let mut object = match tokio::time::timeout(timeout, store.get(key)).await {
-        Ok(Ok(object)) => object,
-        Ok(Err(e)) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+    let info = match tokio::time::timeout(timeout, bucket.store.info(key)).await {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) if e.kind() == object_store::InfoErrorKind::NotFound => return Ok(None),
         Ok(Err(e)) => return Err(StorageError::Unavailable { action, reason: e.to_string() }),
         Err(_) => return Err(StorageError::Unavailable { action, reason: format!("no answer within {timeout:?}") }),
     };
-    let corrupt = |reason: String| StorageError::Corrupt { path: object_path(bucket, key), what, reason };
-    let size = object.info().size;
-    if size > MAX_OBJECT_BYTES {
-        return Err(corrupt(format!("{size} bytes, more than the {MAX_OBJECT_BYTES} read")));
+    if info.deleted {
+        return Ok(None);
     }
-    let mut bytes = Vec::with_capacity(size);
-    loop {
-        // Each chunk within the timeout: a large object may take longer as a whole.
-        let read = match tokio::time::timeout(timeout, object.read_buf(&mut bytes)).await {
-            Ok(Ok(read)) => read,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => return Err(corrupt(e.to_string())),
-            Ok(Err(e)) => return Err(StorageError::Unavailable { action, reason: e.to_string() }),
-            Err(_) => {
-                return Err(StorageError::Unavailable { action, reason: format!("no answer within {timeout:?}") });
-            }
-        };
-        if read == 0 {
-            break;
-        }
-        if bytes.len() > size {
-            return Err(corrupt(format!("more than the {size} bytes its metadata names")));
-        }
+    let corrupt = |reason: String| StorageError::Corrupt { path: object_path(bucket.name, key), what, reason };
+    if info.size > MAX_OBJECT_BYTES {
+        return Err(corrupt(format!("{} bytes, more than the {MAX_OBJECT_BYTES} read", info.size)));
     }
-    if bytes.len() != size {
-        return Err(corrupt(format!("{} bytes, not the {size} its metadata names", bytes.len())));
+    let subject = format!("$O.{}.C.{}", bucket.name, info.nuid);
+    let mut bytes = Vec::with_capacity(info.size);
+    let mut next = 1;
+    for _ in 0..info.chunks {
+        let get = bucket.stream.raw_message_builder().sequence(next).next_by_subject(subject.clone()).send();
+        let chunk = bounded(action, timeout, get).await?;
+        bytes.extend_from_slice(&chunk.payload);
+        if bytes.len() > info.size {
+            return Err(corrupt(format!("more than the {} bytes its metadata names", info.size)));
+        }
+        next = chunk.sequence + 1;
+    }
+    if bytes.len() != info.size {
+        return Err(corrupt(format!("{} bytes, not the {} its metadata names", bytes.len(), info.size)));
+    }
+    let digest = {
+        use base64::Engine;
+        use sha2::Digest;
+        format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(sha2::Sha256::digest(&bytes)))
+    };
+    if info.digest.as_deref() != Some(digest.as_str()) {
+        return Err(corrupt("digest mismatch".into()));
     }
     Ok(Some(bytes))
 }
@@ -418,19 +424,18 @@ async fn get_object(
 /// Reads an object and decodes it; `None` if there is none. A damaged object is
 /// [`StorageError::Corrupt`] and left in place.
 async fn load_object<T: for<'de> Deserialize<'de>>(
-    store: &object_store::ObjectStore,
-    bucket: &'static str,
+    bucket: &Bucket,
     key: &str,
     what: &'static str,
     timeout: Duration,
 ) -> Result<Option<T>, StorageError> {
-    let Some(bytes) = get_object(store, bucket, key, what, timeout).await? else {
+    let Some(bytes) = get_object(bucket, key, what, timeout).await? else {
         return Ok(None);
     };
     match decode(&bytes) {
         Ok(value) => Ok(Some(value)),
         Err(reason) => {
-            let error = StorageError::Corrupt { path: object_path(bucket, key), what, reason };
+            let error = StorageError::Corrupt { path: object_path(bucket.name, key), what, reason };
             tracing::error!(%error, "damaged object left in place");
             Err(error)
         }
@@ -438,16 +443,13 @@ async fn load_object<T: for<'de> Deserialize<'de>>(
 }
 
 /// Replaces an object (atomically for readers: see [`JetStreamStorage`]).
-async fn put_object(
-    store: &object_store::ObjectStore,
-    key: &str,
-    bytes: Bytes,
-    timeout: Duration,
-) -> Result<(), StorageError> {
+async fn put_object(bucket: &Bucket, key: &str, bytes: Bytes, timeout: Duration) -> Result<(), StorageError> {
     // The put publishes one message per 128 KiB chunk, each acknowledged: bound it per chunk.
     let chunks = (bytes.len() / (128 * 1024) + 1) as u32;
     let mut reader: &[u8] = &bytes;
-    bounded("storing an object", timeout * chunks.saturating_add(2), store.put(key, &mut reader)).await.map(|_| ())
+    bounded("storing an object", timeout * chunks.saturating_add(2), bucket.store.put(key, &mut reader))
+        .await
+        .map(|_| ())
 }
 
 /// Reads a session's whole log subject.
@@ -459,15 +461,39 @@ async fn read_log(stream: &stream::Stream, subject: &str, timeout: Duration) -> 
         Ok(Err(e)) => return Err(StorageError::Unavailable { action, reason: e.to_string() }),
         Err(_) => return Err(StorageError::Unavailable { action, reason: format!("no answer within {timeout:?}") }),
     };
+    let mut read = ReadLog::default();
+    match read_by_consumer(stream, subject, last, timeout, &mut read).await {
+        Ok(()) => Ok(read),
+        Err(error) => {
+            // The consumer could not be created or failed (after a node was lost, the cluster's
+            // metadata leader may not be back yet): read what is left one message at a time from
+            // the stream's leader.
+            tracing::warn!(subject, %error, "reading an event log through a consumer failed; reading it message by message");
+            let next = read.last_sequence.map_or(1, |seq| seq + 1);
+            read_by_gets(stream, subject, next, last, timeout, &mut read).await?;
+            Ok(read)
+        }
+    }
+}
+
+/// Reads a log subject up to stream sequence `last` through an ordered consumer (fast: batched).
+async fn read_by_consumer(
+    stream: &stream::Stream,
+    subject: &str,
+    last: u64,
+    timeout: Duration,
+    read: &mut ReadLog,
+) -> Result<(), StorageError> {
+    let action = "reading an event log";
     let config = consumer::pull::OrderedConfig {
         filter_subject: subject.to_string(),
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     };
-    let consumer = bounded(action, timeout, stream.create_consumer(config)).await?;
+    // Normally a matter of milliseconds; when it takes long, reading message by message is faster.
+    let consumer = bounded(action, timeout / 5, stream.create_consumer(config)).await?;
     let mut messages = bounded(action, timeout, consumer.messages()).await?;
-    let mut read = ReadLog::default();
-    loop {
+    while read.last_sequence.is_none_or(|seq| seq < last) {
         let message = match tokio::time::timeout(timeout, messages.next()).await {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(e))) => return Err(StorageError::Unavailable { action, reason: e.to_string() }),
@@ -478,21 +504,43 @@ async fn read_log(stream: &stream::Stream, subject: &str, timeout: Duration) -> 
         };
         let sequence =
             message.info().map_err(|e| StorageError::Unavailable { action, reason: e.to_string() })?.stream_sequence;
-        match decode::<LogRecord>(&message.payload) {
-            Ok(record) => read.records.push((sequence, record)),
-            Err(reason) => {
-                tracing::error!(subject, sequence, %reason, "damaged event log record skipped (left in place)");
-                read.skipped += 1;
-                read.skipped_bytes += message.payload.len() as u64;
-            }
-        }
-        if sequence >= last {
-            return Ok(read);
-        }
+        read.add(subject, sequence, &message.payload);
     }
+    Ok(())
+}
+
+/// Reads a log subject from stream sequence `next` up to `last` one message at a time.
+async fn read_by_gets(
+    stream: &stream::Stream,
+    subject: &str,
+    mut next: u64,
+    last: u64,
+    timeout: Duration,
+    read: &mut ReadLog,
+) -> Result<(), StorageError> {
+    while next <= last {
+        let get = stream.raw_message_builder().sequence(next).next_by_subject(subject.to_string()).send();
+        let message = bounded("reading an event log", timeout, get).await?;
+        read.add(subject, message.sequence, &message.payload);
+        next = message.sequence + 1;
+    }
+    Ok(())
 }
 
 impl ReadLog {
+    /// Takes in the record at stream sequence `sequence`.
+    fn add(&mut self, subject: &str, sequence: u64, payload: &[u8]) {
+        match decode::<LogRecord>(payload) {
+            Ok(record) => self.records.push((sequence, record)),
+            Err(reason) => {
+                tracing::error!(subject, sequence, %reason, "damaged event log record skipped (left in place)");
+                self.skipped += 1;
+                self.skipped_bytes += payload.len() as u64;
+            }
+        }
+        self.last_sequence = Some(sequence);
+    }
+
     /// The latest time its records hold.
     fn time(&self) -> SessionTime {
         let times = self.records.iter().map(|(_, record)| match record {
@@ -535,8 +583,7 @@ impl JetStreamStorage {
         let key = session.to_string();
         let timeout = self.timeout;
         let (meta, read) = self.retrying(|| async {
-            let meta =
-                load_object::<MetaObject>(&self.sessions, SESSIONS_BUCKET, &key, "session metadata", timeout).await?;
+            let meta = load_object::<MetaObject>(&self.sessions, &key, "session metadata", timeout).await?;
             let read = read_log(&self.log, &log_subject(session), timeout).await?;
             Ok::<_, StorageError>((meta, read))
         })?;
@@ -587,13 +634,10 @@ impl Storage for JetStreamStorage {
         let key = session.to_string();
         let timeout = self.timeout;
         let loaded = self.retrying(|| async {
-            let Some(meta) =
-                load_object::<MetaObject>(&self.sessions, SESSIONS_BUCKET, &key, "session metadata", timeout).await?
-            else {
+            let Some(meta) = load_object::<MetaObject>(&self.sessions, &key, "session metadata", timeout).await? else {
                 return Ok(None);
             };
-            let snapshot =
-                load_object::<SnapshotRecord>(&self.snapshots, SNAPSHOTS_BUCKET, &key, "snapshot", timeout).await?;
+            let snapshot = load_object::<SnapshotRecord>(&self.snapshots, &key, "snapshot", timeout).await?;
             let read = read_log(&self.log, &log_subject(session), timeout).await?;
             Ok::<_, StorageError>(Some((meta, snapshot, read)))
         })?;
@@ -633,9 +677,9 @@ impl Storage for JetStreamStorage {
         self.retrying(|| async {
             // Starting a stored session over (it continues from a replica): its snapshot is set
             // aside, never served again, and kept for the operator.
-            if let Some(old) = get_object(&self.snapshots, SNAPSHOTS_BUCKET, &key, "snapshot", timeout).await? {
+            if let Some(old) = get_object(&self.snapshots, &key, "snapshot", timeout).await? {
                 put_object(&self.snapshots, &format!("{key}.superseded"), Bytes::from(old), timeout).await?;
-                bounded("setting a snapshot aside", timeout, self.snapshots.delete(&key)).await?;
+                bounded("setting a snapshot aside", timeout, self.snapshots.store.delete(&key)).await?;
             }
             // The log first: a session is only there once its metadata is, and then it has a log.
             let purge = self.log.purge().filter(log_subject(session));
@@ -720,7 +764,7 @@ impl Storage for JetStreamStorage {
 
     fn load_persisted(&mut self, persistent_id: &PersistentId) -> Result<Option<PersistRecord>, StorageError> {
         let key = persistent_id.to_string();
-        self.retrying(|| load_object(&self.persisted, PERSISTED_BUCKET, &key, "persisted data", self.timeout))
+        self.retrying(|| load_object(&self.persisted, &key, "persisted data", self.timeout))
     }
 
     fn store_persisted(&mut self, persistent_id: &PersistentId, record: &PersistRecord) -> Result<(), StorageError> {
@@ -731,7 +775,7 @@ impl Storage for JetStreamStorage {
 
     fn load_member_key(&mut self, persistent_id: &PersistentId) -> Result<Option<[u8; 32]>, StorageError> {
         let key = persistent_id.to_string();
-        self.retrying(|| load_object(&self.members, MEMBERS_BUCKET, &key, "membership key", self.timeout))
+        self.retrying(|| load_object(&self.members, &key, "membership key", self.timeout))
     }
 
     fn pin_member_key(&mut self, persistent_id: &PersistentId, key: &[u8; 32]) -> Result<(), StorageError> {
