@@ -54,10 +54,20 @@ impl ReflectorProcess {
 
     /// Starts the reflector with extra command-line options.
     pub fn start_with(data_dir: &Path, addr: Option<SocketAddr>, options: &[&str]) -> Self {
+        Self::spawn(addr, &[std::ffi::OsStr::new("--data-dir"), data_dir.as_os_str()], options, data_dir)
+    }
+
+    /// Starts a reflector of a cluster: its sessions in the NATS JetStream cluster at `urls`
+    /// (comma-separated), with extra command-line options. It has no data directory.
+    pub fn start_cluster(urls: &str, options: &[&str]) -> Self {
+        Self::spawn(None, &[std::ffi::OsStr::new("--cluster"), std::ffi::OsStr::new(urls)], options, Path::new(""))
+    }
+
+    fn spawn(addr: Option<SocketAddr>, storage: &[&std::ffi::OsStr], options: &[&str], data_dir: &Path) -> Self {
         let listen = addr.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         let mut child = Command::new(reflector_binary())
-            .args(["--listen", &listen, "--data-dir"])
-            .arg(data_dir)
+            .args(["--listen", &listen])
+            .args(storage)
             .args(options)
             // Stray packets of clients from before a restart are expected in these tests.
             .env("RUST_LOG", "warn,renetcode=off")

@@ -1,0 +1,140 @@
+//! Cluster mode with real processes: a three-node NATS JetStream cluster, two
+//! `synq-reflector --cluster` reflectors (edges), and clients that list both. Clients of one
+//! session meet on the edge that claimed it, whichever edge they reach first; when that edge
+//! is killed with SIGKILL they continue on the other one, with every acknowledged event, model
+//! time going on, and a late joiner agreeing.
+
+mod common;
+#[path = "../crates/synq_reflector/tests/common/nats.rs"]
+mod nats;
+
+use bevy::ecs::system::RunSystemOnce;
+use bevy::prelude::*;
+use bevy_synq::prelude::*;
+use bevy_synq::protocol::crypto::KdfParams;
+use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
+use bevy_synq::transport::udp::UdpConnector;
+use bevy_synq::{ModelWorld, SynqClient};
+use common::process::{ReflectorProcess, app_with, model_resource, run_until, synced};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Short claims, so that a killed edge's sessions are taken over quickly.
+const CLAIM_TTL_MS: &str = "1500";
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Note(u32);
+
+/// Every event, in the order the model executed it: (view, note, model time).
+#[derive(Resource, Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
+struct Ledger(Vec<(u64, u32, u64)>);
+
+fn model(model: &mut ModelApp) {
+    model.init_resource::<Ledger>().add_view_event::<Note>().add_observer(
+        |note: On<FromView<Note>>, mut ledger: ResMut<Ledger>, time: Res<ModelTime>| {
+            ledger.0.push((note.view.0, note.0, time.now_ms()));
+        },
+    );
+}
+
+fn session(view: u64) -> SessionConfig {
+    let mut session = SessionConfig::new("io.bevy-synq.tests", "cluster-failover", "pw");
+    session.kdf = KdfParams::INSECURE_FAST;
+    session.view_id = Some(ViewId(view));
+    session.snapshot_policy.every_ms = 1_000;
+    session
+}
+
+/// A client that tries `edges` in order.
+fn client(view: u64, edges: &[SocketAddr]) -> App {
+    let connector = UdpConnector::new(edges[0], DEFAULT_PROTOCOL_ID)
+        .with_fallbacks(edges.iter().copied())
+        .with_connect_timeout(Duration::from_millis(500));
+    app_with(model, session(view), ReflectorTarget::custom(connector))
+}
+
+fn note(app: &mut App, value: u32) {
+    app.world_mut()
+        .run_system_once_with(|In(value): In<u32>, mut publish: Publish<Note>| publish.send(Note(value)), value)
+        .unwrap();
+}
+
+fn ledger_len(app: &App) -> usize {
+    model_resource::<Ledger>(app).map_or(0, |l| l.0.len())
+}
+
+fn model_time(app: &App) -> u64 {
+    app.world().resource::<ModelWorld>().runtime().map_or(0, |r| r.now_ms())
+}
+
+fn reflector_of(app: &App) -> String {
+    app.world().resource::<SynqConnection>().reflector.clone().unwrap_or_default()
+}
+
+/// Ten notes from each of `a` and `b`, numbered from `from`; returns the ledger once both
+/// executed them.
+fn play(a: &mut App, b: &mut App, from: u32) -> Ledger {
+    let before = ledger_len(a);
+    for i in from..from + 10 {
+        note(a, i);
+        note(b, 1000 + i);
+        run_until(&mut [&mut *a, &mut *b], TIMEOUT, |_| true);
+    }
+    run_until(&mut [&mut *a, &mut *b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == before + 20));
+    model_resource::<Ledger>(a).unwrap()
+}
+
+#[test]
+fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed() {
+    if !nats::nats_available("clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed") {
+        return;
+    }
+    let cluster = nats::NatsCluster::start("failover", 3);
+    let urls = cluster.url_list();
+    let mut first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+
+    // `a` reaches the first edge, which claims the session; `b` tries the second edge first and
+    // is sent to the first.
+    let mut a = client(1, &[first.addr, second.addr]);
+    run_until(&mut [&mut a], TIMEOUT, |apps| synced(apps[0]));
+    let mut b = client(2, &[second.addr, first.addr]);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    for app in [&a, &b] {
+        assert!(reflector_of(app).contains(&first.addr.to_string()), "on {}", reflector_of(app));
+    }
+    let played = play(&mut a, &mut b, 0);
+    let time_before = model_time(&a);
+
+    // SIGKILL the session's edge: the clients find it gone, reach the second edge, which takes
+    // the session over once the first one's claim lapsed, and resume there.
+    let killed = Instant::now();
+    first.kill();
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| {
+        apps.iter().all(|app| app.world().resource::<SynqClient>().reconnects() >= 1 && synced(app))
+    });
+    println!("failover: both clients synced on the other edge {:?} after the kill", killed.elapsed());
+    for app in [&a, &b] {
+        assert!(reflector_of(app).contains(&second.addr.to_string()), "on {}", reflector_of(app));
+    }
+    let after = play(&mut a, &mut b, 10);
+    assert_eq!(&after.0[..20], &played.0[..], "acknowledged events changed or were lost");
+    assert_eq!(model_resource::<Ledger>(&b).unwrap(), after, "the replicas disagree");
+    assert!(model_time(&a) >= time_before, "model time went back");
+    assert!(after.0[20].2 >= played.0[19].2, "new events are stamped after the old ones");
+
+    // A late joiner that tries the dead edge first agrees with them.
+    let mut c = client(3, &[first.addr, second.addr]);
+    run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| synced(apps[2]) && ledger_len(apps[2]) == 40);
+    run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| {
+        let times: Vec<u64> = apps.iter().map(|app| model_time(app)).collect();
+        times.windows(2).all(|w| w[0] == w[1])
+    });
+    assert_eq!(model_resource::<Ledger>(&c).unwrap(), after);
+    for app in [&a, &b, &c] {
+        let problems = &app.world().resource::<common::Problems>().0;
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+}
