@@ -4,7 +4,7 @@
 //! [`Reflector::poll`] with the current time of a monotonic clock in milliseconds, then move the
 //! [`Output`]s from [`Reflector::drain_outputs`] to the clients.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
@@ -181,6 +181,9 @@ pub struct Reflector {
     /// Membership keys pinned to persistent ids (a cache of storage's).
     member_keys: HashMap<PersistentId, MemberKey>,
     outputs: Vec<Output>,
+    /// Events stamped since outputs were last handed out, in order: appended to storage (one
+    /// batch per session) before any output leaves, see [`Reflector::drain_outputs`].
+    unappended: Vec<(SessionId, StampedEvent)>,
     storage: Store,
     last_sync: u64,
     /// Bytes held in memory: buffered events, snapshots, persisted documents.
@@ -204,6 +207,7 @@ impl Reflector {
             persisted: HashMap::new(),
             member_keys: HashMap::new(),
             outputs: Vec::new(),
+            unappended: Vec::new(),
             storage: None,
             last_sync: 0,
             memory: 0,
@@ -259,7 +263,64 @@ impl Reflector {
 
     /// Takes the outputs produced so far.
     pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, Output> {
+        self.append_unappended();
         self.outputs.drain(..)
+    }
+
+    /// Appends the events stamped since outputs were last handed out, one batch per session (a
+    /// storage that pipelines writes, such as a JetStream cluster's, then waits for one round
+    /// trip per session instead of one per event). Until then nothing that carries them — the
+    /// events, a `Sync`, a tick after them — has left. A session whose events storage refuses
+    /// is failed: see [`Reflector::fail_session`].
+    fn append_unappended(&mut self) {
+        if self.unappended.is_empty() {
+            return;
+        }
+        let Some(storage) = self.storage.as_mut() else {
+            self.unappended.clear();
+            return;
+        };
+        let mut batches: Vec<(SessionId, Vec<StampedEvent>)> = Vec::new();
+        let mut index: HashMap<SessionId, usize> = HashMap::new();
+        for (session, event) in self.unappended.drain(..) {
+            let at = *index.entry(session).or_insert_with(|| {
+                batches.push((session, Vec::new()));
+                batches.len() - 1
+            });
+            batches[at].1.push(event);
+        }
+        let mut failed = Vec::new();
+        for (session, events) in &batches {
+            if let Err(error) = storage.append_events(session, events) {
+                failed.push((*session, error));
+            }
+        }
+        for (session, error) in failed {
+            tracing::error!(%session, %error, "events not recorded: the session's clients are sent away");
+            let msg = format!("the reflector could not record the session's events: {}", error.public_reason());
+            self.fail_session(session, &msg);
+        }
+    }
+
+    /// Stops serving a session at once: the outputs to its clients that have not left are
+    /// dropped (among them any event storage has not recorded), its clients are closed with
+    /// [`ErrorCode::Unavailable`] and `reason`, and the session is dropped from memory. The
+    /// clients reconnect and resume from what storage holds, sending again what was not
+    /// stamped; they never saw an event that storage does not hold.
+    fn fail_session(&mut self, id: SessionId, reason: &str) {
+        self.unappended.retain(|(session, _)| *session != id);
+        let Some(session) = self.sessions.remove(&id) else { return };
+        self.memory = self.memory.saturating_sub(session.memory_bytes());
+        let clients: HashSet<ClientId> = session.clients.iter().map(|(client, _)| *client).collect();
+        self.outputs.retain(|output| match output {
+            Output::Send { client, .. } | Output::Close { client, .. } => !clients.contains(client),
+        });
+        for client in clients {
+            if let Some(state) = self.clients.get_mut(&client) {
+                state.session = None;
+            }
+            self.close(client, error_message(ErrorCode::Unavailable, reason));
+        }
     }
 
     /// Connections accepted since the reflector started.
@@ -336,7 +397,7 @@ impl Reflector {
             if session.clients.is_empty() && session.pending_leaves.is_empty() {
                 // Nobody will hear the leave batch live; stamp it now so that it is buffered and
                 // replayed by the next joiner, then pause session time.
-                flush_users(session, now, &mut self.storage, &mut self.outputs);
+                flush_users(session, now, &mut self.unappended, &mut self.outputs);
                 let time = session.time(now);
                 if let Some(storage) = self.storage.as_mut()
                     && let Err(error) = storage.mark_time(&session.id, time)
@@ -415,7 +476,7 @@ impl Reflector {
                 continue;
             }
             if session.users.deadline.is_some_and(|d| now >= d) {
-                flush_users(session, now, &mut self.storage, &mut self.outputs);
+                flush_users(session, now, &mut self.unappended, &mut self.outputs);
             }
             let time = session.time(now);
             if time >= session.last_mark + TIME_MARK_MS {
@@ -624,7 +685,7 @@ impl Reflector {
             && announce
             && session.users.deadline.is_some_and(|d| now >= d)
         {
-            flush_users(session, now, &mut self.storage, &mut self.outputs);
+            flush_users(session, now, &mut self.unappended, &mut self.outputs);
         }
         if let Some(damage) = damage {
             let msg = format!("the reflector's storage of this session was damaged: {damage}");
@@ -849,6 +910,8 @@ impl Reflector {
         if self.storage.is_none() {
             return;
         }
+        // What an idle session stamped last (its leave notices) is recorded before it goes.
+        self.append_unappended();
         let idle_ms = self.config.idle_unload_ms;
         let idle: Vec<SessionId> = self
             .sessions
@@ -878,16 +941,11 @@ impl Reflector {
     fn drop_lost_claims(&mut self) {
         let Some(storage) = self.storage.as_mut() else { return };
         for id in storage.renew_claims() {
-            let Some(session) = self.sessions.remove(&id) else { continue };
-            tracing::warn!(session = %id, "the claim on the session was lost: no longer serving it");
-            self.memory = self.memory.saturating_sub(session.memory_bytes());
-            for (client, _) in session.clients {
-                if let Some(state) = self.clients.get_mut(&client) {
-                    state.session = None;
-                }
-                let msg = "this reflector no longer serves the session; reconnect to be sent to the one that does";
-                self.close(client, error_message(ErrorCode::Unavailable, msg));
+            if self.sessions.contains_key(&id) {
+                tracing::warn!(session = %id, "the claim on the session was lost: no longer serving it");
             }
+            let msg = "this reflector no longer serves the session; reconnect to be sent to the one that does";
+            self.fail_session(id, msg);
         }
     }
 
@@ -944,15 +1002,7 @@ impl Reflector {
             return;
         }
         let before = session.buffered_bytes;
-        if let Err(error) = broadcast_event(session, now, body, &mut self.storage, &mut self.outputs) {
-            tracing::error!(session = %session_id, %error, "event not recorded; refused");
-            let msg = format!("the reflector could not record the event: {}", error.public_reason());
-            self.outputs.push(Output::Send {
-                client,
-                message: Arc::new(ServerMessage::Error(error_message(ErrorCode::Unavailable, msg))),
-            });
-            return;
-        }
+        broadcast_event(session, now, body, &mut self.unappended, &mut self.outputs);
         self.memory += session.buffered_bytes - before;
         let len = session.events.len();
         let half_full = session.buffered_bytes >= self.config.max_buffered_bytes / 2;
@@ -960,7 +1010,7 @@ impl Reflector {
             && session.requested_at.is_none_or(|at| len >= at + 1000)
         {
             session.requested_at = Some(len);
-            let _ = broadcast_event(session, now, EventBody::SnapshotRequest, &mut self.storage, &mut self.outputs);
+            broadcast_event(session, now, EventBody::SnapshotRequest, &mut self.unappended, &mut self.outputs);
         }
     }
 
@@ -997,6 +1047,11 @@ impl Reflector {
     }
 
     fn upload(&mut self, session_id: SessionId, client: ClientId, record: SnapshotRecord) {
+        // The log the snapshot shortens holds every event stamped so far.
+        self.append_unappended();
+        if !self.sessions.contains_key(&session_id) {
+            return;
+        }
         let view = self.clients[&client].view;
         let signed = self.clients[&client].member.is_some_and(|member| {
             membership::verify(&member, &membership::snapshot_transcript(&session_id, &record), &record.signature)
@@ -1122,62 +1177,56 @@ fn join_due_early(session: &mut Session, now: u64, batch_ms: u64) {
     session.users.deadline = Some(session.users.deadline.map_or(due, |d| d.min(due)));
 }
 
-fn flush_users(session: &mut Session, now: u64, storage: &mut Store, outputs: &mut Vec<Output>) {
+fn flush_users(
+    session: &mut Session,
+    now: u64,
+    unappended: &mut Vec<(SessionId, StampedEvent)>,
+    outputs: &mut Vec<Output>,
+) {
     let users = std::mem::take(&mut session.users);
     if users.joined.is_empty() && users.left.is_empty() {
         return;
     }
     let reset = session.reset_pending;
     let body = EventBody::Users { joined: users.joined.clone(), left: users.left.clone(), reset };
-    match broadcast_event(session, now, body, storage, outputs) {
-        Ok(()) => {
-            session.users_stamped_at = Some(now);
-            session.reset_pending = false;
-            if reset {
-                session.in_model.clear();
-            }
-            for view in &users.left {
-                session.in_model.remove(view);
-            }
-            session.in_model.extend(users.joined.iter().copied());
-            if session.reseeding {
-                // The replicas now agree on who is there: ask them for the snapshot that lets
-                // everyone else join again.
-                if let Err(error) = broadcast_event(session, now, EventBody::SnapshotRequest, storage, outputs) {
-                    tracing::error!(session = %session.id, %error, "cannot ask for a snapshot");
-                }
-            }
-        }
-        Err(error) => {
-            // Try again with the next batch.
-            tracing::error!(session = %session.id, %error, "join/leave notice not recorded; retrying");
-            session.users = UsersBatch { deadline: Some(now + 100), ..users };
-        }
+    broadcast_event(session, now, body, unappended, outputs);
+    session.users_stamped_at = Some(now);
+    session.reset_pending = false;
+    if reset {
+        session.in_model.clear();
+    }
+    for view in &users.left {
+        session.in_model.remove(view);
+    }
+    session.in_model.extend(users.joined.iter().copied());
+    if session.reseeding {
+        // The replicas now agree on who is there: ask them for the snapshot that lets everyone
+        // else join again.
+        broadcast_event(session, now, EventBody::SnapshotRequest, unappended, outputs);
     }
 }
 
-/// Stamps an event, records it, then broadcasts it: an event is recorded before anyone sees it.
+/// Stamps an event and queues it for its session's clients and for storage: the reflector
+/// appends it to storage before any output leaves ([`Reflector::drain_outputs`]), so an event is
+/// recorded before anyone sees it.
 fn broadcast_event(
     session: &mut Session,
     now: u64,
     body: EventBody,
-    storage: &mut Store,
+    unappended: &mut Vec<(SessionId, StampedEvent)>,
     outputs: &mut Vec<Output>,
-) -> Result<(), StorageError> {
+) {
     let event = StampedEvent { time: session.time(now), seq: session.seq.wrapping_add(1), body };
-    if let Some(storage) = storage.as_mut() {
-        storage.append_events(&session.id, std::slice::from_ref(&event))?;
-    }
     session.seq = event.seq;
     session.buffered_bytes += event_bytes(&event);
     session.note_stamped(&event);
     session.events.push_back(event.clone());
     session.last_broadcast = now;
+    unappended.push((session.id, event.clone()));
     let message = Arc::new(ServerMessage::Event(event));
     for (client, _) in &session.clients {
         outputs.push(Output::Send { client: *client, message: message.clone() });
     }
-    Ok(())
 }
 
 fn close_tally(session: &mut Session, key: (VotePurpose, SessionTime, u32), outputs: &mut Vec<Output>) {

@@ -523,6 +523,9 @@ impl UdpReflector {
         readable.dedup();
         for renet in readable {
             let Some(&client) = self.by_renet.get(&renet) else { continue };
+            // The events admitted from this connection in this pass: each comes back to it once
+            // dispatched, so they count towards its backlog already.
+            let mut admitted = 0;
             loop {
                 if self.closing.contains_key(&renet) {
                     // Anything a closing client still sends is ignored.
@@ -531,8 +534,15 @@ impl UdpReflector {
                 }
                 let Some(frame) = self.transport.receive_message(renet) else { break };
                 match codec::decode_client(&frame, &limits) {
-                    Ok(ClientMessage::Event(_)) if self.overloaded(renet) => self.refuse_event(t, now, client, renet),
-                    Ok(message) => self.core.handle(t, client, message),
+                    Ok(ClientMessage::Event(_)) if self.overloaded(renet, admitted) => {
+                        self.refuse_event(t, now, client, renet)
+                    }
+                    Ok(message) => {
+                        if matches!(message, ClientMessage::Event(_)) {
+                            admitted += frame.len();
+                        }
+                        self.core.handle(t, client, message)
+                    }
                     Err(DecodeError::PayloadTooLarge { what, size, limit }) => {
                         // A well-formed message with an oversized payload: dropped, not final.
                         let message = format!("{what} of {size} bytes exceeds {limit} bytes; dropped");
@@ -550,15 +560,18 @@ impl UdpReflector {
                         self.close(t, now, client, ErrorMessage { code, message: e.to_string() });
                     }
                 }
-                self.dispatch(t, now);
             }
         }
+        // Once for everything received: the events stamped meanwhile are recorded in one batch
+        // per session before any of them leaves.
+        self.dispatch(t, now);
     }
 
-    /// Whether `renet`'s own connection holds more unacknowledged or queued bytes than an event
-    /// from it may be admitted with.
-    fn overloaded(&self, renet: u64) -> bool {
-        self.transport.backlog(renet) > self.max_sender_backlog_bytes
+    /// Whether `renet`'s own connection holds (or will hold, with the `pending` bytes not
+    /// dispatched yet) more unacknowledged or queued bytes than an event from it may be admitted
+    /// with.
+    fn overloaded(&self, renet: u64, pending: usize) -> bool {
+        self.transport.backlog(renet) + pending > self.max_sender_backlog_bytes
     }
 
     /// Drops an event refused for overload (before the core saw it: nothing is stamped), counts

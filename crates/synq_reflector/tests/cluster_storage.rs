@@ -361,7 +361,8 @@ fn another_reflector_resumes_a_killed_ones_session() {
     let cluster = NatsCluster::start("process", 3);
     // The stream and buckets exist before the reflectors start.
     drop(connect(&cluster));
-    let mut first = ReflectorProcess::start_cluster("cluster-first", &cluster.url_list(), &[]);
+    let ttl = ["--claim-ttl-ms", "1000"];
+    let mut first = ReflectorProcess::start_cluster("cluster-first", &cluster.url_list(), &ttl);
     let mut a = RawClient::connect(first.addr, 1);
     a.join(join(1));
     let start = a.wait_for("Sync", |m| match m {
@@ -383,15 +384,27 @@ fn another_reflector_resumes_a_killed_ones_session() {
     first.child.kill().unwrap(); // SIGKILL
     first.child.wait().unwrap();
 
-    let second = ReflectorProcess::start_cluster("cluster-second", &cluster.url_list(), &[]);
+    let second = ReflectorProcess::start_cluster("cluster-second", &cluster.url_list(), &ttl);
     assert_ne!(second.addr, first.addr);
-    let mut rejoining = RawClient::connect(second.addr, 3);
     let last = acknowledged.last().unwrap();
-    rejoining.join(synq_protocol::wire::Join { resume_after: Some(start.seq), held_time: start.time, ..join(1) });
-    let sync = rejoining.wait_for("Sync", |m| match m {
-        ServerMessage::Sync(sync) => Some(sync.clone()),
-        _ => None,
-    });
+    // Until the killed reflector's claim on the session lapses, the second one sends clients to
+    // it; then it takes the session over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sync = loop {
+        let mut rejoining = RawClient::connect(second.addr, 3);
+        rejoining.join(synq_protocol::wire::Join { resume_after: Some(start.seq), held_time: start.time, ..join(1) });
+        let answer = rejoining.wait_for("Sync or Redirect", |m| match m {
+            ServerMessage::Sync(sync) => Some(Ok(sync.clone())),
+            ServerMessage::Redirect(to) => Some(Err(*to)),
+            _ => None,
+        });
+        match answer {
+            Ok(sync) => break sync,
+            Err(to) => assert_eq!(to, first.addr, "sent to the reflector that held the session"),
+        }
+        assert!(Instant::now() < deadline, "the session was never taken over");
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(sync.start, SyncStart::Resume, "{sync:?}");
     let mut served = sync.events.iter();
     for event in &acknowledged {

@@ -784,6 +784,8 @@ fn restart_after(
         r.handle(400 + i, 1, ClientMessage::Event(sealed(8).into()));
     }
     r.poll(500);
+    // Handing out the outputs records the events (they are recorded before anyone sees them).
+    sent(&mut r);
     drop(r);
     damage(&dir.join("sessions").join(SESSION.to_string()).join("events.log"));
     let mut r = Reflector::with_storage(ReflectorConfig::default(), storage());
@@ -928,16 +930,20 @@ fn a_lost_first_event_is_a_gap_and_an_absurd_held_time_is_refused() {
     assert!(matches!(&sent(&mut r)[..], [(1, ServerMessage::Error(e))] if e.code == ErrorCode::Malformed));
 }
 
-/// Memory storage shared with other reflectors in the test's imagination: `others` names the
-/// sessions they serve, `lost` the claims to report lost at the next renewal.
+/// Memory storage a test watches and steers: shared with other reflectors in the test's
+/// imagination (`others` names the sessions they serve, `lost` the claims to report lost at the
+/// next renewal); `appends` records how many events each append call carried; while `refuse` is
+/// set, appends fail.
 #[derive(Default)]
-struct ClaimedStorage {
+struct ObservedStorage {
     inner: crate::storage::MemoryStorage,
     others: std::sync::Arc<std::sync::Mutex<HashMap<SessionId, std::net::SocketAddr>>>,
     lost: std::sync::Arc<std::sync::Mutex<Vec<SessionId>>>,
+    appends: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl Storage for ClaimedStorage {
+impl Storage for ObservedStorage {
     fn claim(&mut self, session: &SessionId) -> Result<Claim, StorageError> {
         Ok(self.others.lock().unwrap().get(session).map_or(Claim::Owned, |&addr| Claim::ServedBy(addr)))
     }
@@ -951,6 +957,10 @@ impl Storage for ClaimedStorage {
         self.inner.create_session(session, meta)
     }
     fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError> {
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StorageError::Unavailable { action: "appending events", reason: "refused by the test".into() });
+        }
+        self.appends.lock().unwrap().push(events.len());
         self.inner.append_events(session, events)
     }
     fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError> {
@@ -983,7 +993,7 @@ impl Storage for ClaimedStorage {
 
 #[test]
 fn a_session_served_by_another_reflector_redirects_and_a_lost_claim_closes_its_clients() {
-    let storage = ClaimedStorage::default();
+    let storage = ObservedStorage::default();
     let (others, lost) = (storage.others.clone(), storage.lost.clone());
     let mut r = Reflector::with_storage(ReflectorConfig::default(), Box::new(storage));
     connect_and_join(&mut r, 0, 1, join(10));
@@ -1019,4 +1029,66 @@ fn a_session_served_by_another_reflector_redirects_and_a_lost_claim_closes_its_c
     assert!(!r.sessions.contains_key(&SESSION));
     r.poll(10_000);
     assert!(events(&sent(&mut r), 3).is_empty(), "nothing is stamped for a session served elsewhere");
+}
+
+#[test]
+fn events_are_recorded_in_one_batch_per_session_before_anything_carrying_them_leaves() {
+    let storage = ObservedStorage::default();
+    let appends = storage.appends.clone();
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), Box::new(storage));
+    joined(&mut r, 0, 1, 10);
+    r.poll(300);
+    sent(&mut r);
+    appends.lock().unwrap().clear();
+    for i in 0..5 {
+        r.handle(400 + i, 1, ClientMessage::Event(sealed(8).into()));
+    }
+    assert!(appends.lock().unwrap().is_empty(), "nothing is recorded before outputs are handed out");
+    let out = sent(&mut r);
+    assert_eq!(*appends.lock().unwrap(), [5], "the five events were recorded in one append");
+    assert_eq!(events(&out, 1).len(), 5);
+}
+
+#[test]
+fn events_storage_refuses_never_leave_and_their_session_is_failed() {
+    let storage = ObservedStorage::default();
+    let refuse = storage.refuse.clone();
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), Box::new(storage));
+    joined(&mut r, 0, 1, 10);
+    joined(&mut r, 0, 2, 20);
+    r.poll(300);
+    sent(&mut r);
+    r.handle(400, 1, ClientMessage::Event(sealed(8).into()));
+    let recorded = events(&sent(&mut r), 2);
+    assert_eq!(recorded.len(), 1);
+
+    refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+    r.handle(500, 1, ClientMessage::Event(sealed(9).into()));
+    r.handle(501, 2, ClientMessage::Event(sealed(9).into()));
+    let out = sent(&mut r);
+    assert!(events(&out, 1).is_empty() && events(&out, 2).is_empty(), "an unrecorded event left: {out:?}");
+    for client in [1, 2] {
+        assert!(
+            out.iter().any(|(c, m)| *c == client && matches!(m, ServerMessage::Error(e) if e.code == ErrorCode::Unavailable && e.message.contains("record"))),
+            "client {client} was not sent away: {out:?}"
+        );
+    }
+    assert!(!r.sessions.contains_key(&SESSION), "the failed session is dropped from memory");
+    r.disconnect(600, 1);
+    r.disconnect(600, 2);
+
+    // Storage works again: a returning client resumes from what it holds, the event it saw.
+    refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut back = join(10);
+    back.resume_after = Some(recorded[0].seq);
+    back.held_time = recorded[0].time;
+    connect_and_join(&mut r, 700, 3, back);
+    let out = sent(&mut r);
+    let sync = out.iter().find_map(|(c, m)| match m {
+        ServerMessage::Sync(sync) if *c == 3 => Some(sync.clone()),
+        _ => None,
+    });
+    let sync = sync.unwrap_or_else(|| panic!("no Sync: {out:?}"));
+    assert!(matches!(sync.start, SyncStart::Resume), "{:?}", sync.start);
+    assert_eq!(sync.seq, recorded[0].seq, "the refused events were never stamped for anyone");
 }
