@@ -2,8 +2,14 @@
 //! event is lost or executed twice and that every replica ends up identical.
 //!
 //! ```sh
-//! cargo run --release --example chaos -- --clients 4 --kills 10 --seconds 60 [--wipe-every 0] [--seed N] [--rate 10]
+//! cargo run --release --example chaos -- --clients 4 --kills 10 --seconds 60 [--wipe-every 0] [--seed N] [--rate 10] [--cluster]
 //! ```
+//!
+//! With `--cluster` it starts a three-node NATS JetStream cluster (`nats-server` must be
+//! installed) and two `synq-reflector --cluster` edges instead; the clients list both edges, and
+//! each kill hits the edge that serves the session at that moment (the clients move to the other
+//! edge, which takes the session over once the killed edge's 1.5 s claim lapsed), which is then
+//! restarted on its address.
 //!
 //! It builds (if needed) and starts `synq-reflector` on a loopback port with a fresh data dir in
 //! the system temp dir, then runs `--clients` headless Bevy apps in this process (view ids 1..=N,
@@ -14,6 +20,9 @@
 //! with `--wipe-every K` every K-th restart gets an empty data dir (a reflector replaced without
 //! its storage; the session must then be recovered from the replicas).
 //!
+//! After each kill it measures the recovery: the time until every client is synced again (with
+//! `--cluster`, the failover), and prints its median and maximum at the end.
+//!
 //! At the end publishing stops, everything settles (all clients synced at the same model time),
 //! and it prints per client: published, executed, lost, duplicated, reconnects, problems; whether
 //! all replicas' ledgers and state hashes agree; and how often a client's model time went back.
@@ -22,6 +31,8 @@
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::KdfParams;
+use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
+use bevy_synq::transport::udp::UdpConnector;
 use bevy_synq::{ModelWorld, SynqClient};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -30,6 +41,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "../crates/synq_reflector/tests/common/nats.rs"]
+mod nats;
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -82,14 +96,18 @@ fn record_problems(
     all.0.extend(divergences.read().map(|d| format!("{d:?}")));
 }
 
-fn client_app(view: u64, addr: SocketAddr, rate: u32) -> App {
+/// A client of the session on the reflectors at `edges`, tried in order.
+fn client_app(view: u64, edges: &[SocketAddr], rate: u32) -> App {
     let mut session = SessionConfig::new("io.bevy-synq.chaos", "chaos", "chaos password");
     session.kdf = KdfParams::INSECURE_FAST;
     session.view_id = Some(ViewId(view));
     session.snapshot_policy.every_ms = 1_000;
     let mut app = App::new();
     app.add_plugins(MinimalPlugins);
-    app.add_plugins(SynqPlugin::new(model, session).with_reflector(ReflectorTarget::Udp(addr)));
+    let connector = UdpConnector::new(edges[0], DEFAULT_PROTOCOL_ID)
+        .with_fallbacks(edges.iter().copied())
+        .with_connect_timeout(Duration::from_millis(500));
+    app.add_plugins(SynqPlugin::new(model, session).with_reflector(ReflectorTarget::custom(connector)));
     app.insert_resource(Pace { per_second: rate, ..default() }).init_resource::<Problems>();
     app.add_systems(Update, publish_numbered).add_systems(Last, record_problems);
     app.finish();
@@ -132,14 +150,25 @@ fn reflector_binary() -> PathBuf {
     bin
 }
 
+/// Where a reflector keeps its sessions.
+enum Store<'a> {
+    Dir(&'a Path),
+    /// A NATS JetStream cluster (its URLs, comma-separated).
+    Cluster(&'a str),
+}
+
 /// A running `synq-reflector`; killed (SIGKILL) when dropped.
 struct Reflector(Child);
 
 impl Reflector {
-    fn start(bin: &Path, data_dir: &Path, listen: &str) -> (Self, SocketAddr) {
-        let mut child = Command::new(bin)
-            .args(["--listen", listen, "--data-dir"])
-            .arg(data_dir)
+    fn start(bin: &Path, store: &Store, listen: &str) -> (Self, SocketAddr) {
+        let mut command = Command::new(bin);
+        command.args(["--listen", listen]);
+        match store {
+            Store::Dir(dir) => drop(command.arg("--data-dir").arg(dir)),
+            Store::Cluster(urls) => drop(command.args(["--cluster", urls, "--claim-ttl-ms", "1500"])),
+        }
+        let mut child = command
             .env("RUST_LOG", std::env::var("CHAOS_REFLECTOR_LOG").unwrap_or_else(|_| "warn,renetcode=off".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -196,6 +225,7 @@ impl Rng {
 }
 
 struct Options {
+    cluster: bool,
     clients: u64,
     kills: u32,
     seconds: f64,
@@ -207,16 +237,23 @@ struct Options {
 fn options() -> Options {
     let clock_seed =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    let mut o = Options { clients: 4, kills: 10, seconds: 60.0, wipe_every: 0, seed: clock_seed, rate: 10 };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    for pair in args.chunks(2) {
-        let value = pair.get(1).map(String::as_str).unwrap_or("");
+    let mut o =
+        Options { cluster: false, clients: 4, kills: 10, seconds: 60.0, wipe_every: 0, seed: clock_seed, rate: 10 };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--cluster" {
+            o.cluster = true;
+            continue;
+        }
+        let value = args.next().unwrap_or_default();
         let bad = || -> ! {
-            eprintln!("usage: chaos [--clients N] [--kills M] [--seconds S] [--wipe-every K] [--seed N] [--rate R]");
-            eprintln!("bad argument: {pair:?}");
+            eprintln!(
+                "usage: chaos [--clients N] [--kills M] [--seconds S] [--wipe-every K] [--seed N] [--rate R] [--cluster]"
+            );
+            eprintln!("bad argument: {flag} {value}");
             std::process::exit(2)
         };
-        match pair[0].as_str() {
+        match flag.as_str() {
             "--clients" => o.clients = value.parse().unwrap_or_else(|_| bad()),
             "--kills" => o.kills = value.parse().unwrap_or_else(|_| bad()),
             "--seconds" => o.seconds = value.parse().unwrap_or_else(|_| bad()),
@@ -228,6 +265,10 @@ fn options() -> Options {
     }
     if o.clients == 0 || o.clients > 64 || o.seconds < 2.0 || o.seconds > 3600.0 || o.rate == 0 || o.rate > 1000 {
         eprintln!("chaos: need 1..=64 clients, 2..=3600 seconds, a rate of 1..=1000");
+        std::process::exit(2);
+    }
+    if o.cluster && o.wipe_every > 0 {
+        eprintln!("chaos: --wipe-every has no meaning with --cluster (the edges keep nothing locally)");
         std::process::exit(2);
     }
     o
@@ -253,18 +294,35 @@ fn main() {
     let bin = reflector_binary();
     let dir = TempDir(std::env::temp_dir().join(format!("synq-chaos-{}", std::process::id())));
     dir.reset();
-    let (first, addr) = Reflector::start(&bin, &dir.0, "127.0.0.1:0");
-    let mut reflector = Some(first);
-    println!("chaos: reflector on udp://{addr}, data dir {}, seed {}", dir.0.display(), o.seed);
+    let nats = o.cluster.then(|| {
+        nats::nats_available("chaos --cluster");
+        nats::NatsCluster::start("chaos", 3)
+    });
+    let urls = nats.as_ref().map(nats::NatsCluster::url_list);
+    let store = match &urls {
+        Some(urls) => Store::Cluster(urls),
+        None => Store::Dir(&dir.0),
+    };
+    // One reflector, or two edges of a cluster.
+    let (mut reflectors, mut addrs) = (Vec::new(), Vec::new());
+    for _ in 0..if o.cluster { 2 } else { 1 } {
+        let (reflector, addr) = Reflector::start(&bin, &store, "127.0.0.1:0");
+        reflectors.push(Some(reflector));
+        addrs.push(addr);
+    }
+    match &urls {
+        Some(urls) => println!("chaos: edges on {addrs:?}, NATS cluster {urls}, seed {}", o.seed),
+        None => println!("chaos: reflector on udp://{}, data dir {}, seed {}", addrs[0], dir.0.display(), o.seed),
+    }
 
     let n = o.clients as usize;
-    let mut apps: Vec<App> = (1..=o.clients).map(|view| client_app(view, addr, o.rate)).collect();
+    let mut apps: Vec<App> = (1..=o.clients).map(|view| client_app(view, &addrs, o.rate)).collect();
     let (mut last_time, mut went_back) = (vec![0u64; n], vec![0u32; n]);
     let start = Instant::now();
     while !apps.iter().all(|app| client(app).is_synced()) {
         if start.elapsed() > FIRST_SYNC_TIMEOUT {
             println!("chaos: the clients did not sync within {FIRST_SYNC_TIMEOUT:?}");
-            drop((apps, reflector, dir));
+            drop((apps, reflectors, nats, dir));
             std::process::exit(1);
         }
         step(&mut apps, &mut last_time, &mut went_back);
@@ -280,6 +338,10 @@ fn main() {
         })
         .collect();
     let (mut next_kill, mut restarts, mut wipes, mut up_at) = (0usize, 0u32, 0u32, None::<Instant>);
+    // The reflector (edge) that is down, and since when every client is to be synced again.
+    let mut down_edge = 0;
+    let mut recovering: Option<(Instant, Vec<u32>)> = None;
+    let (mut recoveries, mut unrecovered) = (Vec::<Duration>::new(), 0u32);
 
     let chaos = Instant::now();
     for app in &mut apps {
@@ -294,23 +356,37 @@ fn main() {
                 dir.reset();
                 wipes += 1;
             }
-            reflector = Some(Reflector::start(&bin, &dir.0, &addr.to_string()).0);
+            reflectors[down_edge] = Some(Reflector::start(&bin, &store, &addrs[down_edge].to_string()).0);
             up_at = None;
             println!("chaos: {t:6.2}s restart #{restarts}{}", if wipe { " with an EMPTY data dir" } else { "" });
-        } else if reflector.is_some() && next_kill < plan.len() && t >= plan[next_kill].0 {
+        } else if up_at.is_none() && next_kill < plan.len() && t >= plan[next_kill].0 {
             let down = plan[next_kill].1;
-            drop(reflector.take()); // SIGKILL
+            // The reflector that serves the session now.
+            let serving = apps[0].world().resource::<SynqConnection>().reflector.clone().unwrap_or_default();
+            down_edge = addrs.iter().position(|a| serving.contains(&a.to_string())).unwrap_or(0);
+            drop(reflectors[down_edge].take()); // SIGKILL
             next_kill += 1;
             up_at = Some(Instant::now() + Duration::from_secs_f64(down));
-            println!("chaos: {t:6.2}s kill #{next_kill}, down for {:.0} ms", down * 1000.0);
+            if recovering.is_some() {
+                unrecovered += 1;
+            }
+            recovering = Some((Instant::now(), apps.iter().map(|app| client(app).reconnects()).collect()));
+            println!("chaos: {t:6.2}s kill #{next_kill} of udp://{}, down for {:.0} ms", addrs[down_edge], down * 1000.0);
         }
         step(&mut apps, &mut last_time, &mut went_back);
+        if let Some((killed, before)) = &recovering
+            && apps.iter().zip(before).all(|(app, &b)| client(app).reconnects() > b && client(app).is_synced())
+        {
+            recoveries.push(killed.elapsed());
+            println!("chaos: {:6.2}s every client synced again {:?} after the kill", t, killed.elapsed());
+            recovering = None;
+        }
     }
     for app in &mut apps {
         app.world_mut().resource_mut::<Pace>().start = None;
     }
-    if reflector.is_none() {
-        reflector = Some(Reflector::start(&bin, &dir.0, &addr.to_string()).0);
+    if reflectors[down_edge].is_none() {
+        reflectors[down_edge] = Some(Reflector::start(&bin, &store, &addrs[down_edge].to_string()).0);
         println!("chaos: restart after the run");
     }
     let published: Vec<u32> = apps.iter().map(|app| app.world().resource::<Pace>().published).collect();
@@ -397,13 +473,22 @@ fn main() {
         );
     }
     let back: u32 = went_back.iter().sum();
+    recoveries.sort();
+    if let (Some(median), Some(max)) = (recoveries.get(recoveries.len() / 2), recoveries.last()) {
+        println!(
+            "chaos: recovery after a kill (every client synced again): median {median:?}, max {max:?} over {} kills{}",
+            recoveries.len(),
+            if unrecovered > 0 { format!(" ({unrecovered} killed again before recovering)") } else { String::new() }
+        );
+    }
     println!(
         "chaos: kills {} (wipes {wipes}), published {total_published}, executed {executed}, lost {lost}, duplicated {duplicated}, replicas agree: {}, time went back: {back}",
         next_kill,
         if agree { "yes" } else { "no" }
     );
     drop(apps);
-    drop(reflector);
+    drop(reflectors);
+    drop(nats);
     drop(dir);
     let ok = lost == 0 && duplicated == 0 && unexpected == 0 && agree && back == 0;
     std::process::exit(if ok { 0 } else { 1 });

@@ -155,8 +155,11 @@ pub struct SynqClient {
     plugin: Arc<dyn ModelPlugin>,
     settings: WorldSettings,
     connector: Box<dyn Connector>,
-    /// Where the connector connects, described once (for logs and [`SynqClient::reflector`]).
+    /// Where the connector connects, described at every connection (for logs and
+    /// [`SynqClient::reflector`]).
     reflector: String,
+    /// Whether the reflector of this connection sent the client to another one.
+    redirected: bool,
     connection: Option<Box<dyn Connection>>,
     phase: Phase,
     synced: bool,
@@ -216,6 +219,7 @@ impl SynqClient {
             plugin,
             settings,
             reflector: connector.describe(),
+            redirected: false,
             connector,
             connection: None,
             phase: Phase::DerivingKey(key),
@@ -408,6 +412,7 @@ impl SynqClient {
     }
 
     fn connect(&mut self, model: &ModelWorld) {
+        self.redirected = false;
         let connection = self.connector.connect();
         // The connector may have moved on to another reflector of a cluster.
         self.reflector = self.connector.describe();
@@ -555,6 +560,7 @@ impl SynqClient {
                 ServerMessage::Redirect(to) => {
                     // The `Unavailable` error that follows closes this connection; the next one
                     // goes to the reflector that serves the session.
+                    self.redirected = true;
                     match self.connector.redirect(*to) {
                         Ok(()) => {
                             info!("bevy_synq: the session is served by the reflector at udp://{to}; moving there")
@@ -570,9 +576,14 @@ impl SynqClient {
                     if matches!(error.code, ErrorCode::ShuttingDown | ErrorCode::Full | ErrorCode::Unavailable)
                         && !matches!(self.phase, Phase::Running)
                     {
+                        if !self.redirected {
+                            // Another reflector of a cluster may serve us (it may send us back).
+                            self.connector.try_another();
+                        }
                         return self.lost(format!("the reflector cannot serve us now: {}", error.message));
                     }
                     if error.code == ErrorCode::ShuttingDown {
+                        self.connector.try_another();
                         return self.lost("the reflector is shutting down".into());
                     }
                     if matches!(error.code, ErrorCode::BufferFull | ErrorCode::RateLimited | ErrorCode::TooLarge) {

@@ -96,6 +96,9 @@ struct DebuggingGuideDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/determinism.md")]
 struct DeterminismGuideDoctests;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/cluster.md")]
+struct ClusterGuideDoctests;
 
 mod client;
 mod config;

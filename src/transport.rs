@@ -34,6 +34,10 @@ pub trait Connector: Send + Sync + 'static {
     fn redirect(&mut self, to: std::net::SocketAddr) -> Result<(), String> {
         Err(format!("{} cannot follow a redirect to {to}", self.describe()))
     }
+    /// The reflector could not serve this client now (unavailable, full, shutting down): the
+    /// next [`connect`](Self::connect) may go to another reflector, if the connector knows
+    /// several. By default nothing changes.
+    fn try_another(&mut self) {}
 }
 
 /// A connector shared by every join through one [`ReflectorTarget::Custom`](crate::ReflectorTarget::Custom).
@@ -50,6 +54,12 @@ impl Connector for SharedConnector {
 
     fn redirect(&mut self, to: std::net::SocketAddr) -> Result<(), String> {
         self.0.lock().map_err(|_| "the custom connector panicked earlier".to_string())?.redirect(to)
+    }
+
+    fn try_another(&mut self) {
+        if let Ok(mut connector) = self.0.lock() {
+            connector.try_another();
+        }
     }
 }
 

@@ -140,10 +140,8 @@ impl Connector for UdpConnector {
     /// Opens a connection to the current reflector; when the previous connection was never
     /// established (no reflector answered there), to the next of [`UdpConnector::addresses`].
     fn connect(&mut self) -> Result<Box<dyn Connection>, String> {
-        if self.last.take().is_some_and(|last| !last.was_established()) && self.addresses.len() > 1 {
-            let at = self.addresses.iter().position(|a| *a == self.server_addr).unwrap_or(0);
-            self.server_addr = self.addresses[(at + 1) % self.addresses.len()];
-            tracing::info!("bevy_synq: no answer from the previous reflector; trying udp://{}", self.server_addr);
+        if self.last.take().is_some_and(|last| !last.was_established()) {
+            self.try_another();
         }
         let connection = UdpConnection::open(self)?;
         self.last = Some(connection.shared.clone());
@@ -152,6 +150,17 @@ impl Connector for UdpConnector {
 
     fn describe(&self) -> String {
         format!("the reflector at udp://{}", self.server_addr)
+    }
+
+    /// The next connection goes to the next of [`UdpConnector::addresses`] (after the last, the
+    /// first).
+    fn try_another(&mut self) {
+        if self.addresses.len() > 1 {
+            let at = self.addresses.iter().position(|a| *a == self.server_addr).unwrap_or(0);
+            self.server_addr = self.addresses[(at + 1) % self.addresses.len()];
+            self.last = None;
+            tracing::info!("bevy_synq: trying the reflector at udp://{}", self.server_addr);
+        }
     }
 
     /// The next connection goes to `to` (added to [`UdpConnector::addresses`] if new).
