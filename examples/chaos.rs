@@ -7,9 +7,10 @@
 //!
 //! With `--cluster` it starts a three-node NATS JetStream cluster (`nats-server` must be
 //! installed) and two `synq-reflector --cluster` edges instead; the clients list both edges, and
-//! each kill hits the edge that serves the session at that moment (the clients move to the other
-//! edge, which takes the session over once the killed edge's 1.5 s claim lapsed), which is then
-//! restarted on its address.
+//! each kill hits the edge that serves the session at that moment: the clients move to the other
+//! edge, which takes the session over once the killed edge's 1.5 s claim lapsed, and the killed
+//! edge is restarted on its address once every client is synced again (so each recovery measured
+//! is a failover to the other edge).
 //!
 //! It builds (if needed) and starts `synq-reflector` on a loopback port with a fresh data dir in
 //! the system temp dir, then runs `--clients` headless Bevy apps in this process (view ids 1..=N,
@@ -341,6 +342,8 @@ fn main() {
     // The reflector (edge) that is down, and since when every client is to be synced again.
     let mut down_edge = 0;
     let mut recovering: Option<(Instant, Vec<u32>)> = None;
+    // With --cluster, the killed edge waits for the failover before it restarts.
+    let mut restart_after_recovery = false;
     let (mut recoveries, mut unrecovered) = (Vec::<Duration>::new(), 0u32);
 
     let chaos = Instant::now();
@@ -359,19 +362,26 @@ fn main() {
             reflectors[down_edge] = Some(Reflector::start(&bin, &store, &addrs[down_edge].to_string()).0);
             up_at = None;
             println!("chaos: {t:6.2}s restart #{restarts}{}", if wipe { " with an EMPTY data dir" } else { "" });
-        } else if up_at.is_none() && next_kill < plan.len() && t >= plan[next_kill].0 {
+        } else if up_at.is_none() && !restart_after_recovery && next_kill < plan.len() && t >= plan[next_kill].0 {
             let down = plan[next_kill].1;
             // The reflector that serves the session now.
             let serving = apps[0].world().resource::<SynqConnection>().reflector.clone().unwrap_or_default();
             down_edge = addrs.iter().position(|a| serving.contains(&a.to_string())).unwrap_or(0);
             drop(reflectors[down_edge].take()); // SIGKILL
             next_kill += 1;
-            up_at = Some(Instant::now() + Duration::from_secs_f64(down));
+            if o.cluster {
+                restart_after_recovery = true;
+            } else {
+                up_at = Some(Instant::now() + Duration::from_secs_f64(down));
+            }
             if recovering.is_some() {
                 unrecovered += 1;
             }
             recovering = Some((Instant::now(), apps.iter().map(|app| client(app).reconnects()).collect()));
-            println!("chaos: {t:6.2}s kill #{next_kill} of udp://{}, down for {:.0} ms", addrs[down_edge], down * 1000.0);
+            match o.cluster {
+                true => println!("chaos: {t:6.2}s kill #{next_kill} of udp://{}", addrs[down_edge]),
+                false => println!("chaos: {t:6.2}s kill #{next_kill}, down for {:.0} ms", down * 1000.0),
+            }
         }
         step(&mut apps, &mut last_time, &mut went_back);
         if let Some((killed, before)) = &recovering
@@ -380,6 +390,12 @@ fn main() {
             recoveries.push(killed.elapsed());
             println!("chaos: {:6.2}s every client synced again {:?} after the kill", t, killed.elapsed());
             recovering = None;
+            if restart_after_recovery {
+                reflectors[down_edge] = Some(Reflector::start(&bin, &store, &addrs[down_edge].to_string()).0);
+                restart_after_recovery = false;
+                restarts += 1;
+                println!("chaos: {t:6.2}s restart #{restarts} of udp://{}", addrs[down_edge]);
+            }
         }
     }
     for app in &mut apps {
@@ -475,8 +491,9 @@ fn main() {
     let back: u32 = went_back.iter().sum();
     recoveries.sort();
     if let (Some(median), Some(max)) = (recoveries.get(recoveries.len() / 2), recoveries.last()) {
+        let p99 = recoveries[(recoveries.len() * 99).div_ceil(100) - 1];
         println!(
-            "chaos: recovery after a kill (every client synced again): median {median:?}, max {max:?} over {} kills{}",
+            "chaos: recovery after a kill (every client synced again): median {median:?}, p99 {p99:?}, max {max:?} over {} kills{}",
             recoveries.len(),
             if unrecovered > 0 { format!(" ({unrecovered} killed again before recovering)") } else { String::new() }
         );

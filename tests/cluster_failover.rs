@@ -2,7 +2,8 @@
 //! `synq-reflector --cluster` reflectors (edges), and clients that list both. Clients of one
 //! session meet on the edge that claimed it, whichever edge they reach first; when that edge
 //! is killed with SIGKILL they continue on the other one, with every acknowledged event, model
-//! time going on, and a late joiner agreeing.
+//! time going on, and a late joiner agreeing. Sessions spread over the edges, and play on when a
+//! NATS node is killed.
 
 mod common;
 #[path = "../crates/synq_reflector/tests/common/nats.rs"]
@@ -39,20 +40,25 @@ fn model(model: &mut ModelApp) {
     );
 }
 
-fn session(view: u64) -> SessionConfig {
-    let mut session = SessionConfig::new("io.bevy-synq.tests", "cluster-failover", "pw");
+fn session(name: &str, view: u64) -> SessionConfig {
+    let mut session = SessionConfig::new("io.bevy-synq.tests", name, "pw");
     session.kdf = KdfParams::INSECURE_FAST;
     session.view_id = Some(ViewId(view));
     session.snapshot_policy.every_ms = 1_000;
     session
 }
 
-/// A client that tries `edges` in order.
-fn client(view: u64, edges: &[SocketAddr]) -> App {
+/// A client of the session `name` that tries `edges` in order.
+fn client_of(name: &str, view: u64, edges: &[SocketAddr]) -> App {
     let connector = UdpConnector::new(edges[0], DEFAULT_PROTOCOL_ID)
         .with_fallbacks(edges.iter().copied())
         .with_connect_timeout(Duration::from_millis(500));
-    app_with(model, session(view), ReflectorTarget::custom(connector))
+    app_with(model, session(name, view), ReflectorTarget::custom(connector))
+}
+
+/// A client of the failover test's session.
+fn client(view: u64, edges: &[SocketAddr]) -> App {
+    client_of("cluster-failover", view, edges)
 }
 
 fn note(app: &mut App, value: u32) {
@@ -137,4 +143,49 @@ fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed
         let problems = &app.world().resource::<common::Problems>().0;
         assert!(problems.is_empty(), "{problems:?}");
     }
+}
+
+#[test]
+fn sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed() {
+    if !nats::nats_available("sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed") {
+        return;
+    }
+    let mut cluster = nats::NatsCluster::start("spread", 3);
+    let urls = cluster.url_list();
+    let first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    // Each session is served by the edge its first client reached.
+    let mut a1 = client_of("spread-a", 1, &[first.addr, second.addr]);
+    run_until(&mut [&mut a1], TIMEOUT, |apps| synced(apps[0]));
+    let mut b1 = client_of("spread-b", 1, &[second.addr, first.addr]);
+    run_until(&mut [&mut b1], TIMEOUT, |apps| synced(apps[0]));
+    let mut a2 = client_of("spread-a", 2, &[second.addr, first.addr]);
+    let mut b2 = client_of("spread-b", 2, &[first.addr, second.addr]);
+    run_until(&mut [&mut a1, &mut a2, &mut b1, &mut b2], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    for (app, edge) in [(&a1, first.addr), (&a2, first.addr), (&b1, second.addr), (&b2, second.addr)] {
+        assert!(reflector_of(app).contains(&edge.to_string()), "on {}", reflector_of(app));
+    }
+    let played_a = play(&mut a1, &mut a2, 0);
+    let played_b = play(&mut b1, &mut b2, 0);
+
+    // SIGKILL a NATS node while both sessions play: streams it led elect new leaders; sessions
+    // whose appends failed meanwhile send their clients away, and they resume.
+    cluster.kill(0);
+    let killed = Instant::now();
+    let after_a = play(&mut a1, &mut a2, 10);
+    let after_b = play(&mut b1, &mut b2, 10);
+    println!(
+        "a NATS node killed: both sessions played 20 more events each within {:?} (reconnects {:?})",
+        killed.elapsed(),
+        [&a1, &a2, &b1, &b2].map(|app| app.world().resource::<SynqClient>().reconnects())
+    );
+    assert_eq!(&after_a.0[..20], &played_a.0[..], "session a lost acknowledged events");
+    assert_eq!(&after_b.0[..20], &played_b.0[..], "session b lost acknowledged events");
+    assert_eq!(model_resource::<Ledger>(&a2).unwrap(), after_a);
+    assert_eq!(model_resource::<Ledger>(&b2).unwrap(), after_b);
+    for app in [&a1, &a2, &b1, &b2] {
+        let problems = &app.world().resource::<common::Problems>().0;
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+    cluster.restart(0);
 }
