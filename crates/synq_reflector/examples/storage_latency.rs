@@ -1,6 +1,6 @@
 //! Append latency of the reflector's storage backends: `DiskStorage` (a temporary directory) and
-//! `JetStreamStorage` (a running NATS JetStream cluster), one event per append as the reflector
-//! appends them, in the same run.
+//! `JetStreamStorage` (a running NATS JetStream cluster), one event per append (what the
+//! reflector appends for a session in a pass of its loop that stamped one event), in the same run.
 //!
 //! ```text
 //! cargo run --release -p synq_reflector --example storage_latency -- nats://127.0.0.1:4222,nats://127.0.0.1:4223 [EVENTS]
