@@ -9,15 +9,15 @@ mod common;
 #[path = "../crates/synq_reflector/tests/common/nats.rs"]
 mod nats;
 
-use bevy::ecs::system::RunSystemOnce;
 use bevy::prelude::*;
+use bevy_synq::SynqClient;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::KdfParams;
 use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
 use bevy_synq::transport::udp::UdpConnector;
-use bevy_synq::{ModelWorld, SynqClient};
+use common::ledger::{Ledger, ledger_len, model, play};
+use common::model_time;
 use common::process::{ReflectorProcess, app_with, model_resource, run_until, synced};
-use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -25,19 +25,9 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// Short claims, so that a killed edge's sessions are taken over quickly.
 const CLAIM_TTL_MS: &str = "1500";
 
-#[derive(Serialize, Deserialize, Clone)]
-struct Note(u32);
-
-/// Every event, in the order the model executed it: (view, note, model time).
-#[derive(Resource, Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
-struct Ledger(Vec<(u64, u32, u64)>);
-
-fn model(model: &mut ModelApp) {
-    model.init_resource::<Ledger>().add_view_event::<Note>().add_observer(
-        |note: On<FromView<Note>>, mut ledger: ResMut<Ledger>, time: Res<ModelTime>| {
-            ledger.0.push((note.view.0, note.0, time.now_ms()));
-        },
-    );
+/// Ten notes from each client (see [`play`]).
+fn play_ten(a: &mut App, b: &mut App, from: u32) -> Ledger {
+    play(a, b, from, TIMEOUT)
 }
 
 fn session(name: &str, view: u64) -> SessionConfig {
@@ -61,35 +51,8 @@ fn client(view: u64, edges: &[SocketAddr]) -> App {
     client_of("cluster-failover", view, edges)
 }
 
-fn note(app: &mut App, value: u32) {
-    app.world_mut()
-        .run_system_once_with(|In(value): In<u32>, mut publish: Publish<Note>| publish.send(Note(value)), value)
-        .unwrap();
-}
-
-fn ledger_len(app: &App) -> usize {
-    model_resource::<Ledger>(app).map_or(0, |l| l.0.len())
-}
-
-fn model_time(app: &App) -> u64 {
-    app.world().resource::<ModelWorld>().runtime().map_or(0, |r| r.now_ms())
-}
-
 fn reflector_of(app: &App) -> String {
     app.world().resource::<SynqConnection>().reflector.clone().unwrap_or_default()
-}
-
-/// Ten notes from each of `a` and `b`, numbered from `from`; returns the ledger once both
-/// executed them.
-fn play(a: &mut App, b: &mut App, from: u32) -> Ledger {
-    let before = ledger_len(a);
-    for i in from..from + 10 {
-        note(a, i);
-        note(b, 1000 + i);
-        run_until(&mut [&mut *a, &mut *b], TIMEOUT, |_| true);
-    }
-    run_until(&mut [&mut *a, &mut *b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == before + 20));
-    model_resource::<Ledger>(a).unwrap()
 }
 
 #[test]
@@ -111,7 +74,7 @@ fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed
     for app in [&a, &b] {
         assert!(reflector_of(app).contains(&first.addr.to_string()), "on {}", reflector_of(app));
     }
-    let played = play(&mut a, &mut b, 0);
+    let played = play_ten(&mut a, &mut b, 0);
     let time_before = model_time(&a);
 
     // SIGKILL the session's edge: the clients find it gone, reach the second edge, which takes
@@ -125,7 +88,7 @@ fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed
     for app in [&a, &b] {
         assert!(reflector_of(app).contains(&second.addr.to_string()), "on {}", reflector_of(app));
     }
-    let after = play(&mut a, &mut b, 10);
+    let after = play_ten(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "acknowledged events changed or were lost");
     assert_eq!(model_resource::<Ledger>(&b).unwrap(), after, "the replicas disagree");
     assert!(model_time(&a) >= time_before, "model time went back");
@@ -165,15 +128,15 @@ fn sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed() {
     for (app, edge) in [(&a1, first.addr), (&a2, first.addr), (&b1, second.addr), (&b2, second.addr)] {
         assert!(reflector_of(app).contains(&edge.to_string()), "on {}", reflector_of(app));
     }
-    let played_a = play(&mut a1, &mut a2, 0);
-    let played_b = play(&mut b1, &mut b2, 0);
+    let played_a = play_ten(&mut a1, &mut a2, 0);
+    let played_b = play_ten(&mut b1, &mut b2, 0);
 
     // SIGKILL a NATS node while both sessions play: streams it led elect new leaders; sessions
     // whose appends failed meanwhile send their clients away, and they resume.
     cluster.kill(0);
     let killed = Instant::now();
-    let after_a = play(&mut a1, &mut a2, 10);
-    let after_b = play(&mut b1, &mut b2, 10);
+    let after_a = play_ten(&mut a1, &mut a2, 10);
+    let after_b = play_ten(&mut b1, &mut b2, 10);
     println!(
         "a NATS node killed: both sessions played 20 more events each within {:?} (reconnects {:?})",
         killed.elapsed(),

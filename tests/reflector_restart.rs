@@ -4,32 +4,22 @@
 
 mod common;
 
-use bevy::ecs::system::RunSystemOnce;
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::KdfParams;
 use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
 use bevy_synq::transport::udp::UdpConnector;
 use bevy_synq::{ModelWorld, SynqClient};
+use common::ledger::{Ledger, ledger_len, model, note, play};
+use common::model_time;
 use common::process::{ReflectorProcess, data_dir, model_resource, run_until, synced, udp_app};
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Serialize, Deserialize, Clone)]
-struct Note(u32);
-
-/// Every event, in the order the model executed it.
-#[derive(Resource, Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
-struct Ledger(Vec<(u64, u32, u64)>);
-
-fn model(model: &mut ModelApp) {
-    model.init_resource::<Ledger>().add_view_event::<Note>().add_observer(
-        |note: On<FromView<Note>>, mut ledger: ResMut<Ledger>, time: Res<ModelTime>| {
-            ledger.0.push((note.view.0, note.0, time.now_ms()));
-        },
-    );
+/// Ten notes from each client (see [`play`]).
+fn play_ten(a: &mut App, b: &mut App, from: u32) -> Ledger {
+    play(a, b, from, TIMEOUT)
 }
 
 fn session(view: u64) -> SessionConfig {
@@ -38,20 +28,6 @@ fn session(view: u64) -> SessionConfig {
     session.view_id = Some(ViewId(view));
     session.snapshot_policy.every_ms = 1_000;
     session
-}
-
-fn note(app: &mut App, value: u32) {
-    app.world_mut()
-        .run_system_once_with(|In(value): In<u32>, mut publish: Publish<Note>| publish.send(Note(value)), value)
-        .unwrap();
-}
-
-fn model_time(app: &App) -> u64 {
-    app.world().resource::<ModelWorld>().runtime().map_or(0, |r| r.now_ms())
-}
-
-fn ledger_len(app: &App) -> usize {
-    model_resource::<Ledger>(app).map_or(0, |l| l.0.len())
 }
 
 /// Two synced clients (views 1 and 2) of the session on the reflector at `addr`.
@@ -289,18 +265,6 @@ fn a_reflector_that_lost_its_storage_continues_the_session_from_the_replicas() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Runs two clients through ten notes each and returns the ledger.
-fn play(a: &mut App, b: &mut App, from: u32) -> Ledger {
-    let before = ledger_len(a);
-    for i in from..from + 10 {
-        note(a, i);
-        note(b, 1000 + i);
-        run_until(&mut [&mut *a, &mut *b], TIMEOUT, |_| true);
-    }
-    run_until(&mut [&mut *a, &mut *b], TIMEOUT, |apps| apps.iter().all(|app| ledger_len(app) == before + 20));
-    model_resource::<Ledger>(a).unwrap()
-}
-
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap().flatten() {
@@ -320,13 +284,13 @@ fn a_session_rolled_back_on_disk_continues_from_the_replicas() {
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
     let (mut a, mut b) = two_clients(addr);
-    play(&mut a, &mut b, 0);
+    play_ten(&mut a, &mut b, 0);
     // Back up the data directory (the reflector stopped for a consistent copy) …
     reflector.kill();
     copy_dir(&dir, &earlier);
     reflector = ReflectorProcess::start(&dir, Some(addr));
     all_synced(&mut a, &mut b);
-    let played = play(&mut a, &mut b, 10);
+    let played = play_ten(&mut a, &mut b, 10);
     // … and restore it: the reflector now holds an older state than the replicas.
     reflector.kill();
     let _ = std::fs::remove_dir_all(&dir);
@@ -334,7 +298,7 @@ fn a_session_rolled_back_on_disk_continues_from_the_replicas() {
     without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
     let _restored = ReflectorProcess::start(&dir, Some(addr));
     back_after(&mut a, &mut b, 2);
-    let after = play(&mut a, &mut b, 20);
+    let after = play_ten(&mut a, &mut b, 20);
     assert_eq!(&after.0[..40], &played.0[..], "events the replicas executed were lost with the rollback");
     let mut c = udp_app(model, session(3), addr);
     run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| synced(apps[2]) && ledger_len(apps[2]) == 60);
@@ -349,7 +313,7 @@ fn a_damaged_event_log_is_restored_from_the_replicas() {
     let mut reflector = ReflectorProcess::start(&dir, None);
     let addr = reflector.addr;
     let (mut a, mut b) = two_clients(addr);
-    let played = play(&mut a, &mut b, 0);
+    let played = play_ten(&mut a, &mut b, 0);
     reflector.kill();
     // A flipped byte in the middle of the session's log: a record in the middle is lost.
     let sessions = dir.join("sessions");
@@ -362,7 +326,7 @@ fn a_damaged_event_log_is_restored_from_the_replicas() {
     without_reflector(&mut [&mut a, &mut b], Duration::from_millis(300));
     let _restarted = ReflectorProcess::start(&dir, Some(addr));
     back_after(&mut a, &mut b, 1);
-    let after = play(&mut a, &mut b, 10);
+    let after = play_ten(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "events were lost with the damaged record");
     assert_eq!(model_resource::<Ledger>(&b).unwrap(), after);
     let _ = std::fs::remove_dir_all(dir);
@@ -384,7 +348,7 @@ fn clients_whose_reflector_dies_move_to_the_next_in_their_list_and_continue_ther
     let mut a = common::process::app_with(model, session(1), target());
     let mut b = common::process::app_with(model, session(2), target());
     all_synced(&mut a, &mut b);
-    let played = play(&mut a, &mut b, 0);
+    let played = play_ten(&mut a, &mut b, 0);
     // The first one dies: the clients find it gone, try the next address, and reseed there.
     first.kill();
     back_after(&mut a, &mut b, 1);
@@ -392,7 +356,7 @@ fn clients_whose_reflector_dies_move_to_the_next_in_their_list_and_continue_ther
         let reflector = app.world().resource::<SynqConnection>().reflector.clone().unwrap_or_default();
         assert!(reflector.contains(&second.addr.to_string()), "{reflector}");
     }
-    let after = play(&mut a, &mut b, 10);
+    let after = play_ten(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "the game was lost in the move");
     let mut c = udp_app(model, session(3), second.addr);
     run_until(&mut [&mut a, &mut b, &mut c], TIMEOUT, |apps| synced(apps[2]) && ledger_len(apps[2]) == 40);

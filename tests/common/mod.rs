@@ -6,6 +6,7 @@
 
 pub mod adversarial;
 pub mod hostile;
+pub mod ledger;
 pub mod process;
 pub mod sum;
 
