@@ -2,10 +2,12 @@
 //! migrated; the throttle, the election of one uploader, and the guards of the persistence guide.
 //!
 //! The version-to-version tests run against a real `synq-reflector` process over UDP with a data
-//! directory on disk; the throttle test needs 25 s of model time and runs on the in-process
+//! directory on disk (and one against two edges of a NATS JetStream cluster); the throttle test needs 25 s of model time and runs on the in-process
 //! reflector with a virtual clock (the same reflector core).
 
 mod common;
+#[path = "../crates/synq_reflector/tests/common/nats.rs"]
+mod nats;
 
 use bevy::prelude::*;
 use bevy_synq::prelude::*;
@@ -169,6 +171,29 @@ fn version_2_starts_from_version_1s_data_migrated_and_later_clients_resume_from_
     assert_eq!(later.init_runs, 1, "init is not called again");
     assert_eq!(later.table.len(), 3);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn version_2_on_another_edge_of_a_cluster_starts_from_what_version_1_persisted_through_the_first() {
+    if !nats::nats_available(
+        "version_2_on_another_edge_of_a_cluster_starts_from_what_version_1_persisted_through_the_first",
+    ) {
+        return;
+    }
+    let cluster = nats::NatsCluster::start("persist", 3);
+    let first = ReflectorProcess::start_cluster(&cluster.url_list(), &[]);
+    let second = ReflectorProcess::start_cluster(&cluster.url_list(), &[]);
+    play_version_1(&first, "cluster-scores", "pw", false);
+
+    // Version 2 is another session (another session id): a client reaching only the second edge
+    // starts it there, from what version 1 persisted through the first.
+    let mut c = udp_app(v2_with(migrations_v2), session("cluster-scores", 3, "pw"), second.addr);
+    run_until(&mut [&mut c], TIMEOUT, |apps| synced(apps[0]));
+    let reflector = c.world().resource::<SynqConnection>().reflector.clone().unwrap_or_default();
+    assert!(reflector.contains(&second.addr.to_string()), "served by {reflector}");
+    let board = model_resource::<BoardV2>(&c).expect("version 2 runs");
+    assert_eq!(board.loaded_from_version, Some(1));
+    assert_eq!(board.table, BTreeMap::from([("ada".to_string(), 120)]));
 }
 
 /// The one persisted document in the data directory (`persisted/<persistent id>.bin`).
