@@ -15,7 +15,7 @@ use bevy_synq::prelude::*;
 use bevy_synq::protocol::crypto::KdfParams;
 use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
 use bevy_synq::transport::udp::UdpConnector;
-use common::ledger::{Ledger, ledger_len, model, play};
+use common::ledger::{Departures, Ledger, ledger_len, model, play};
 use common::model_time;
 use common::process::{ReflectorProcess, app_with, model_resource, run_until, synced};
 use std::net::SocketAddr;
@@ -91,6 +91,8 @@ fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed
     let after = play_ten(&mut a, &mut b, 10);
     assert_eq!(&after.0[..20], &played.0[..], "acknowledged events changed or were lost");
     assert_eq!(model_resource::<Ledger>(&b).unwrap(), after, "the replicas disagree");
+    // Both clients were back within the leave delay: their views never left the model.
+    assert_eq!(model_resource::<Departures>(&a).unwrap(), Departures::default(), "a view left in the failover");
     assert!(model_time(&a) >= time_before, "model time went back");
     assert!(after.0[20].2 >= played.0[19].2, "new events are stamped after the old ones");
 

@@ -17,13 +17,22 @@ pub struct Note(pub u32);
 #[derive(Resource, Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
 pub struct Ledger(pub Vec<(u64, u32, u64)>);
 
-/// The model: a [`Ledger`] of every [`Note`].
+/// Every view that left the model, in order: (view, model time).
+#[derive(Resource, Serialize, Deserialize, Clone, Default, Debug, PartialEq)]
+pub struct Departures(pub Vec<(u64, u64)>);
+
+/// The model: a [`Ledger`] of every [`Note`], and the [`Departures`].
 pub fn model(model: &mut ModelApp) {
-    model.init_resource::<Ledger>().add_view_event::<Note>().add_observer(
-        |note: On<FromView<Note>>, mut ledger: ResMut<Ledger>, time: Res<ModelTime>| {
+    model
+        .init_resource::<Ledger>()
+        .init_resource::<Departures>()
+        .add_view_event::<Note>()
+        .add_observer(|note: On<FromView<Note>>, mut ledger: ResMut<Ledger>, time: Res<ModelTime>| {
             ledger.0.push((note.view.0, note.0, time.now_ms()));
-        },
-    );
+        })
+        .add_observer(|exit: On<ViewExited>, mut departures: ResMut<Departures>, time: Res<ModelTime>| {
+            departures.0.push((exit.view.0, time.now_ms()));
+        });
 }
 
 /// Publishes `Note(value)` from `app`'s view.

@@ -668,7 +668,13 @@ impl Reflector {
         // had, as after a restart, until the reset batch) joins again.
         let leave_queued = session.users.left.contains(&join.view_id);
         let announced = session.in_model.contains(&join.view_id) || session.users.joined.contains(&join.view_id);
-        let batch_ms = self.config.users_batch_ms;
+        // After a restart or a takeover, the first notice resets the model's views to the clients
+        // connected by then. It waits for the leave delay, so that every client back within it
+        // stays in the model; a resuming client does not wait for it (its view is in its model).
+        let batch_ms = match session.reset_pending {
+            true => self.config.leave_delay_ms.max(self.config.users_batch_ms),
+            false => self.config.users_batch_ms,
+        };
         let announce = !announced || leave_queued;
         if announce {
             queue_user_change(session, now, batch_ms, join.view_id, true);
@@ -1167,8 +1173,8 @@ fn queue_user_change(session: &mut Session, now: u64, batch_ms: u64, view: ViewI
 
 /// Brings a batch holding a join forward to one period after the previous notice (or to now, if
 /// that was longer ago): at most one notice per `batch_ms` still, but a lone joiner waits for
-/// nothing. A batch that resets the model's views (after a reflector restart) keeps its full
-/// period, so that it gathers every returning client at once.
+/// nothing. A batch that resets the model's views (after a reflector restart or a takeover)
+/// keeps its whole wait, so that it gathers every client back within the leave delay.
 fn join_due_early(session: &mut Session, now: u64, batch_ms: u64) {
     if session.reset_pending {
         return;

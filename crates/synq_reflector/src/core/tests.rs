@@ -470,11 +470,12 @@ fn a_restarted_reflector_resumes_its_sessions_from_storage() {
     assert_eq!(sync.seq, last.seq, "sequence numbers continue");
     assert_eq!(sync.events.last(), Some(&last), "every acknowledged event survived");
     assert!(sync.time >= last_tick, "session time continues: {} < {last_tick}", sync.time);
-    // The batch that tells the model who is really there waits its full period, to gather every
-    // returning client.
+    // The batch that tells the model who is really there waits for the leave delay (1,250 ms
+    // after the first join), to gather every client back within it.
     connect_and_join(&mut r, 120, 3, join(30));
-    assert!(events(&sent(&mut r), 2).is_empty(), "the reset batch is not stamped early");
-    r.poll(300);
+    r.poll(1250);
+    assert!(events(&sent(&mut r), 2).is_empty(), "the reset batch is not stamped before the leave delay");
+    r.poll(1300);
     let users = events(&sent(&mut r), 2);
     assert_eq!(users[0].body, EventBody::Users { joined: vec![ViewId(20), ViewId(30)], left: vec![], reset: true });
     let _ = std::fs::remove_dir_all(&dir);
