@@ -17,7 +17,7 @@ use bevy_synq::protocol::udp::DEFAULT_PROTOCOL_ID;
 use bevy_synq::transport::udp::UdpConnector;
 use common::ledger::{Departures, Ledger, ledger_len, model, play};
 use common::model_time;
-use common::process::{ReflectorProcess, app_with, model_resource, run_until, synced};
+use common::process::{ReflectorProcess, app_with, model_resource, run_for, run_until, synced};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -153,4 +153,46 @@ fn sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed() {
         assert!(problems.is_empty(), "{problems:?}");
     }
     cluster.restart(0);
+}
+
+#[test]
+fn a_session_waits_out_a_lost_nats_quorum_and_continues_with_nothing_lost() {
+    if !nats::nats_available("a_session_waits_out_a_lost_nats_quorum_and_continues_with_nothing_lost") {
+        return;
+    }
+    let mut cluster = nats::NatsCluster::start("quorum", 3);
+    let urls = cluster.url_list();
+    let first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let mut a = client_of("quorum", 1, &[first.addr, second.addr]);
+    let mut b = client_of("quorum", 2, &[first.addr, second.addr]);
+    run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
+    let played = play_ten(&mut a, &mut b, 0);
+
+    // Two of three NATS nodes down: nothing can be recorded. What the clients publish meanwhile
+    // is not lost: it is stamped once the quorum is back.
+    cluster.kill(1);
+    cluster.kill(2);
+    let lost = Instant::now();
+    for i in 0..5 {
+        common::ledger::note(&mut a, 100 + i);
+        run_for(&mut [&mut a, &mut b], Duration::from_millis(200));
+    }
+    run_for(&mut [&mut a, &mut b], Duration::from_secs(3));
+    assert_eq!(ledger_len(&a), 20, "an event was executed while nothing could be recorded");
+    cluster.restart(1);
+    cluster.restart(2);
+    run_until(&mut [&mut a, &mut b], Duration::from_secs(90), |apps| {
+        apps.iter().all(|app| synced(app) && ledger_len(app) == 25)
+    });
+    println!(
+        "the quorum was lost for about 4 s: both clients synced with every event {:?} after it was lost (reconnects {:?})",
+        lost.elapsed(),
+        [&a, &b].map(|app| app.world().resource::<SynqClient>().reconnects())
+    );
+    let after = model_resource::<Ledger>(&a).unwrap();
+    assert_eq!(&after.0[..20], &played.0[..], "acknowledged events changed or were lost");
+    assert_eq!(model_resource::<Ledger>(&b).unwrap(), after, "the replicas disagree");
+    let late: Vec<u32> = after.0[20..].iter().map(|(_, n, _)| *n).collect();
+    assert_eq!(late, [100, 101, 102, 103, 104], "published during the outage: each once, in order");
 }
