@@ -267,9 +267,9 @@ impl Reflector {
         self.outputs.drain(..)
     }
 
-    /// Appends the events stamped since outputs were last handed out, one batch per session (a
-    /// storage that pipelines writes, such as a JetStream cluster's, then waits for one round
-    /// trip per session instead of one per event). Until then nothing that carries them — the
+    /// Appends the events stamped since outputs were last handed out, one batch per session, all
+    /// in one [`Storage::append_batches`] call (a JetStream cluster's storage pipelines them: one
+    /// round trip for the whole pass instead of one per event). Until then nothing that carries them — the
     /// events, a `Sync`, a tick after them — has left. A session whose events storage refuses
     /// is failed: see [`Reflector::fail_session`].
     fn append_unappended(&mut self) {
@@ -289,13 +289,10 @@ impl Reflector {
             });
             batches[at].1.push(event);
         }
-        let mut failed = Vec::new();
-        for (session, events) in &batches {
-            if let Err(error) = storage.append_events(session, events) {
-                failed.push((*session, error));
-            }
-        }
-        for (session, error) in failed {
+        let results = storage.append_batches(&batches);
+        let failed =
+            batches.iter().zip(results).filter_map(|((session, _), result)| result.err().map(|e| (*session, e)));
+        for (session, error) in failed.collect::<Vec<_>>() {
             tracing::error!(%session, %error, "events not recorded: the session's clients are sent away");
             let msg = format!("the reflector could not record the session's events: {}", error.public_reason());
             self.fail_session(session, &msg);

@@ -265,6 +265,12 @@ pub trait Storage: Send {
     fn create_session(&mut self, session: &SessionId, meta: &SessionMeta) -> Result<(), StorageError>;
     /// Appends events to the session's log. Called before they are broadcast.
     fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError>;
+    /// Appends the events of several sessions, each as [`Storage::append_events`] would, and
+    /// returns each session's result, in order. A backend whose writes are round trips pipelines
+    /// them across sessions; by default the sessions are appended one after the other.
+    fn append_batches(&mut self, batches: &[(SessionId, Vec<StampedEvent>)]) -> Vec<Result<(), StorageError>> {
+        batches.iter().map(|(session, events)| self.append_events(session, events)).collect()
+    }
     /// Records that session time reached `time` (so that time continues across restarts).
     fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError>;
     /// Replaces the session's snapshot and drops the logged events it covers (`remaining` are the

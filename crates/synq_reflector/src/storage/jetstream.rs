@@ -38,6 +38,9 @@ pub const PERSISTED_BUCKET: &str = "SYNQ_PERSISTED";
 /// 2.9, which Debian ships.
 pub const MEMBERS_BUCKET: &str = "SYNQ_MEMBERS";
 
+/// An encoded log record and the message id it is published with (events have one).
+type Record = (Bytes, Option<String>);
+
 /// The first byte of every record and object this backend writes: the encoding's version.
 const FORMAT_VERSION: u8 = 1;
 
@@ -382,16 +385,24 @@ async fn get_object(
     timeout: Duration,
 ) -> Result<Option<Vec<u8>>, StorageError> {
     let action = "reading an object";
-    let info = match tokio::time::timeout(timeout, bucket.store.info(key)).await {
-        Ok(Ok(info)) => info,
-        Ok(Err(e)) if e.kind() == object_store::InfoErrorKind::NotFound => return Ok(None),
+    let corrupt = |reason: String| StorageError::Corrupt { path: object_path(bucket.name, key), what, reason };
+    // The object's metadata, from the stream's leader: async-nats' `ObjectStore::info` asks any
+    // replica (a direct get), which may not have the latest put yet.
+    let meta_subject = {
+        use base64::Engine;
+        format!("$O.{}.M.{}", bucket.name, base64::engine::general_purpose::URL_SAFE.encode(key))
+    };
+    let meta = match tokio::time::timeout(timeout, bucket.stream.get_last_raw_message_by_subject(&meta_subject)).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(None),
         Ok(Err(e)) => return Err(StorageError::Unavailable { action, reason: e.to_string() }),
         Err(_) => return Err(StorageError::Unavailable { action, reason: format!("no answer within {timeout:?}") }),
     };
+    let info: object_store::ObjectInfo =
+        serde_json::from_slice(&meta.payload).map_err(|e| corrupt(format!("undecodable object metadata: {e}")))?;
     if info.deleted {
         return Ok(None);
     }
-    let corrupt = |reason: String| StorageError::Corrupt { path: object_path(bucket.name, key), what, reason };
     if info.size > MAX_OBJECT_BYTES {
         return Err(corrupt(format!("{} bytes, more than the {MAX_OBJECT_BYTES} read", info.size)));
     }
@@ -600,28 +611,71 @@ impl JetStreamStorage {
     fn publish(
         &self,
         session: &SessionId,
-        records: &[(Bytes, Option<String>)],
+        records: &[Record],
     ) -> Result<Vec<jetstream::publish::PublishAck>, StorageError> {
-        let subject = log_subject(session);
+        let mut acks = self.publish_to_logs(&[(log_subject(session), records)])?;
+        Ok(acks.pop().unwrap_or_default())
+    }
+
+    /// Publishes encoded records to several logs (subject, records), all pipelined in one
+    /// attempt, and returns each log's acknowledgements in order; retried whole like
+    /// [`JetStreamStorage::publish`].
+    fn publish_to_logs(
+        &self,
+        logs: &[(String, &[Record])],
+    ) -> Result<Vec<Vec<jetstream::publish::PublishAck>>, StorageError> {
         let timeout = self.timeout;
         self.retrying(|| async {
             let attempt = async {
-                let mut pending = Vec::with_capacity(records.len());
-                for (payload, id) in records {
-                    let mut message = PublishMessage::build().payload(payload.clone());
-                    if let Some(id) = id {
-                        message = message.message_id(id);
+                let mut pending = Vec::with_capacity(logs.len());
+                for (subject, records) in logs {
+                    let mut futures = Vec::with_capacity(records.len());
+                    for (payload, id) in records.iter() {
+                        let mut message = PublishMessage::build().payload(payload.clone());
+                        if let Some(id) = id {
+                            message = message.message_id(id);
+                        }
+                        futures.push(self.jetstream.send_publish(subject.clone(), message).await?);
                     }
-                    pending.push(self.jetstream.send_publish(subject.clone(), message).await?);
+                    pending.push(futures);
                 }
                 let mut acks = Vec::with_capacity(pending.len());
-                for ack in pending {
-                    acks.push(ack.await?);
+                for futures in pending {
+                    let mut log_acks = Vec::with_capacity(futures.len());
+                    for ack in futures {
+                        log_acks.push(ack.await?);
+                    }
+                    acks.push(log_acks);
                 }
                 Ok::<_, async_nats::Error>(acks)
             };
             bounded("appending to an event log", timeout, attempt).await
         })
+    }
+}
+
+impl JetStreamStorage {
+    /// A duplicate acknowledgement is this process's own event stored by an earlier attempt
+    /// (whose acknowledgement was lost), or another writer's: the stored message tells.
+    fn check_duplicates(
+        &self,
+        session: &SessionId,
+        events: &[StampedEvent],
+        records: &[Record],
+        acks: &[jetstream::publish::PublishAck],
+    ) -> Result<(), StorageError> {
+        for ((event, (payload, _)), ack) in events.iter().zip(records).zip(acks) {
+            if !ack.duplicate {
+                continue;
+            }
+            let stored = self.retrying(|| {
+                bounded("checking a duplicate event", self.timeout, self.log.get_raw_message(ack.sequence))
+            })?;
+            if stored.payload != *payload {
+                return Err(StorageError::Conflict { session: session.to_string(), seq: event.seq });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -694,33 +748,58 @@ impl Storage for JetStreamStorage {
     }
 
     fn append_events(&mut self, session: &SessionId, events: &[StampedEvent]) -> Result<(), StorageError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let known = self.known(session)?;
-        let records = events
-            .iter()
-            .map(|e| {
-                Ok((encode(&LogRecord::Event(e.clone()))?, Some(format!("{session}:{}:{}", known.generation, e.seq))))
-            })
-            .collect::<Result<Vec<_>, StorageError>>()?;
-        let acks = self.publish(session, &records)?;
-        let known = self.known.get_mut(session).expect("known above");
-        known.time = events.iter().map(|e| e.time).fold(known.time, u64::max);
-        // A duplicate is this process's own event stored by an earlier attempt (whose
-        // acknowledgement was lost), or another writer's: the stored message tells.
-        for ((event, (payload, _)), ack) in events.iter().zip(&records).zip(acks) {
-            if !ack.duplicate {
+        let mut results = self.append_batches(&[(*session, events.to_vec())]);
+        results.pop().unwrap_or(Ok(()))
+    }
+
+    /// Publishes every session's events in one pipelined attempt (one round trip for them all),
+    /// then checks the duplicates per session: a session whose metadata cannot be read, or whose
+    /// sequence number another writer stored, fails alone.
+    fn append_batches(&mut self, batches: &[(SessionId, Vec<StampedEvent>)]) -> Vec<Result<(), StorageError>> {
+        let mut results: Vec<Option<Result<(), StorageError>>> = batches.iter().map(|_| None).collect();
+        // Each planned log: its batch's index and its encoded records (payload, message id).
+        let mut planned: Vec<(usize, Vec<Record>)> = Vec::new();
+        for (index, (session, events)) in batches.iter().enumerate() {
+            if events.is_empty() {
+                results[index] = Some(Ok(()));
                 continue;
             }
-            let stored = self.retrying(|| {
-                bounded("checking a duplicate event", self.timeout, self.log.get_raw_message(ack.sequence))
-            })?;
-            if stored.payload != *payload {
-                return Err(StorageError::Conflict { session: session.to_string(), seq: event.seq });
+            let records = self.known(session).and_then(|known| {
+                events
+                    .iter()
+                    .map(|e| {
+                        let id = format!("{session}:{}:{}", known.generation, e.seq);
+                        Ok((encode(&LogRecord::Event(e.clone()))?, Some(id)))
+                    })
+                    .collect::<Result<Vec<_>, StorageError>>()
+            });
+            match records {
+                Ok(records) => planned.push((index, records)),
+                Err(error) => results[index] = Some(Err(error)),
             }
         }
-        Ok(())
+        let logs: Vec<(String, &[Record])> =
+            planned.iter().map(|(index, records)| (log_subject(&batches[*index].0), records.as_slice())).collect();
+        match self.publish_to_logs(&logs) {
+            Err(error) => {
+                let reason = error.to_string();
+                for (index, _) in &planned {
+                    let reason = reason.clone();
+                    results[*index] =
+                        Some(Err(StorageError::Unavailable { action: "appending to an event log", reason }));
+                }
+            }
+            Ok(acks) => {
+                for ((index, records), acks) in planned.iter().zip(acks) {
+                    let (session, events) = &batches[*index];
+                    if let Some(known) = self.known.get_mut(session) {
+                        known.time = events.iter().map(|e| e.time).fold(known.time, u64::max);
+                    }
+                    results[*index] = Some(self.check_duplicates(session, events, records, &acks));
+                }
+            }
+        }
+        results.into_iter().map(|result| result.unwrap_or(Ok(()))).collect()
     }
 
     fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError> {
