@@ -22,6 +22,11 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(30);
 const APP: &str = "io.bevy-synq.attacks";
 
+/// Held by the two tests that must not share the machine's cores: the vote flood checks that its
+/// replicas hear from their reflector within their 2 s silence limit, which a thousand sessions
+/// opened and abandoned at the same time on 2 cores can starve them of.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn session(name: &str, view: u64, password: &str) -> SessionConfig {
     let mut session = SessionConfig::new(APP, name, password);
     session.kdf = KdfParams::INSECURE_FAST;
@@ -238,6 +243,7 @@ fn stored_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
 
 #[test]
 fn vote_floods_and_oversized_votes_are_bounded() {
+    let _alone = HEAVY.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = data_dir("attack-votes");
     let reflector = ReflectorProcess::start(&dir, None);
     let mut a = udp_app(model, session("votes", 1, "pw"), reflector.addr);
@@ -301,6 +307,7 @@ fn vote_floods_and_oversized_votes_are_bounded() {
 
 #[test]
 fn a_thousand_abandoned_sessions_are_unloaded_and_their_memory_returned() {
+    let _alone = HEAVY.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = data_dir("attack-abandon");
     // Sessions stay in memory 60 s after their last client left: several hundred at the peak even
     // when opening the thousand takes two minutes on a loaded machine.
