@@ -889,7 +889,7 @@ impl Storage for JetStreamStorage {
     }
 
     fn renew_claims(&mut self) -> Vec<SessionId> {
-        let Some(claims) = self.claims.as_mut() else { return Vec::new() };
+        let Some(claims) = self.claims.as_mut().filter(|claims| claims.renewal_due()) else { return Vec::new() };
         let lost = self.runtime.block_on(claims.renew(&self.jetstream));
         for session in &lost {
             self.known.remove(session);

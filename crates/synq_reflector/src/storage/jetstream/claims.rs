@@ -139,9 +139,15 @@ impl Claims {
     /// Renews the claims when due (every third of the time to live) and returns those lost:
     /// taken over by another reflector, or not renewed for two thirds of the time to live (so
     /// this reflector stops serving a session before another one may take it).
+    /// Whether [`Claims::renew`] has anything to do now (checked without entering the runtime:
+    /// the reflector asks on every poll, every few milliseconds).
+    pub(super) fn renewal_due(&self) -> bool {
+        !self.held.is_empty() && Instant::now() >= self.next_renewal
+    }
+
     pub(super) async fn renew(&mut self, jetstream: &jetstream::Context) -> Vec<SessionId> {
         let now = Instant::now();
-        if self.held.is_empty() || now < self.next_renewal {
+        if !self.renewal_due() {
             return Vec::new();
         }
         self.next_renewal = now + self.ttl / 3;
