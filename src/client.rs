@@ -16,7 +16,7 @@ use synq_protocol::wire::{
     ClientMessage, ErrorCode, EventBody, HashVote, Join, ServerMessage, SnapshotRecord, StampedEvent, SyncStart,
     VotePurpose,
 };
-use synq_protocol::{Hash32, PROTOCOL_VERSION};
+use synq_protocol::{Hash32, PROTOCOL_VERSION, seq_le};
 
 use crate::config::{SessionConfig, ShadowCheck};
 use crate::debug::synq_debug;
@@ -427,13 +427,11 @@ impl SynqClient {
         };
         self.connection = Some(connection);
         // A client with a running model asks to continue right after the last event it has.
-        let resume_after =
-            model.runtime.as_ref().filter(|_| matches!(self.phase, Phase::Reconnecting { .. }) && !self.resync).map(
-                |runtime| {
-                    let last = self.pending.back().map_or(runtime.last_seq(), |e| e.seq);
-                    (last, self.target_time.max(runtime.now_ms()))
-                },
-            );
+        let resume_after = model
+            .runtime
+            .as_ref()
+            .filter(|_| matches!(self.phase, Phase::Reconnecting { .. }) && !self.resync)
+            .map(|runtime| (self.last_held(runtime), self.target_time.max(runtime.now_ms())));
         // The join leaves when the reflector's challenge arrives (it must sign it).
         self.phase = Phase::AwaitingSync { since: Instant::now(), resume_after, joined: false };
     }
@@ -550,7 +548,14 @@ impl SynqClient {
                     self.acknowledge_own(event);
                     self.pending.push_back(event.clone());
                 }
-                ServerMessage::Tick(time) => self.target_time = self.target_time.max(*time),
+                ServerMessage::Tick { time, seq } => {
+                    // A tick may overtake events sent before it: it counts only once this client
+                    // holds every event it vouches for (see `ServerMessage::Tick`).
+                    let holds = model.runtime.as_ref().is_some_and(|runtime| seq_le(*seq, self.last_held(runtime)));
+                    if matches!(self.phase, Phase::Running) && holds {
+                        self.target_time = self.target_time.max(*time);
+                    }
+                }
                 ServerMessage::Tally(tally) => self.tally(tally),
                 ServerMessage::SnapshotAccepted { time, seq } => {
                     debug!("bevy_synq: snapshot at {time} ms (seq {seq}) stored by the reflector");
@@ -596,6 +601,11 @@ impl SynqClient {
                 }
             }
         }
+    }
+
+    /// The sequence number of the last event this client holds, executed or pending.
+    fn last_held(&self, runtime: &ModelRuntime) -> u32 {
+        self.pending.back().map_or(runtime.last_seq(), |e| e.seq)
     }
 
     /// Our own event, stamped: it need not be sent again.

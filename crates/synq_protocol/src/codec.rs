@@ -337,8 +337,8 @@ mod tests {
     #[test]
     fn client_and_server_frames_are_not_interchangeable() {
         let limits = Limits::default();
-        let frame = encode_server(&ServerMessage::Tick(5));
-        assert_eq!(decode_server(&frame, &limits).unwrap(), ServerMessage::Tick(5));
+        let frame = encode_server(&ServerMessage::Tick { time: 5, seq: 1 });
+        assert_eq!(decode_server(&frame, &limits).unwrap(), ServerMessage::Tick { time: 5, seq: 1 });
         let chunk = encode_chunk(&split(1, b"abc", 2)[0]);
         assert_eq!(decode_client(&chunk, &limits), Err(DecodeError::BadMagic));
         assert_eq!(decode_chunk(&frame, &limits), Err(DecodeError::BadMagic));

@@ -35,7 +35,7 @@ pub use wire::{ClientMessage, ServerMessage};
 ///
 /// A reflector refuses a `Join` that names another version with
 /// [`wire::ErrorCode::ProtocolVersion`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The first external sequence number a session hands out is `INITIAL_SEQ + 1`.
 ///

@@ -5,8 +5,8 @@
 //! renet connections from [`connection_config`], so a game links these few definitions and not
 //! the server.
 //!
-//! One renet channel, [`CHANNEL`], reliable and ordered, in each direction; every renet message is
-//! exactly one codec frame ([`crate::codec::encode_client`] / [`crate::codec::encode_server`]).
+//! One renet channel, [`CHANNEL`], reliable and ordered, in each direction, carries every message
+//! but the reflector's ticks ([below](#ticks)); every renet message is exactly one codec frame ([`crate::codec::encode_client`] / [`crate::codec::encode_server`]).
 //! renet splits a message into slices of about 1 KiB and reassembles it, so a frame may be as
 //! large as the channel's memory, [`CHANNEL_MEMORY_BYTES`]: that is the largest snapshot or `Sync`
 //! this transport carries, below the codec's own [`crate::Limits::max_frame_bytes`].
@@ -17,10 +17,64 @@
 //! let config = connection_config();
 //! assert_eq!(config.server_channels_config[0].channel_id, CHANNEL);
 //! ```
+//!
+//! # Ticks
+//!
+//! Heartbeat ticks ([`ServerMessage::Tick`]) do not travel on the channel. Each is one netcode
+//! payload of its own: the byte [`TICK_PAYLOAD`] (no renet packet type starts with it), then the
+//! tick's codec frame ([`tick_payload`], [`tick_frame`]). No renet bookkeeping on either end, no
+//! acknowledgement, no resend: a lost tick is replaced by the next one. A tick may therefore
+//! overtake events sent before it; the sequence number it carries tells the client whether it
+//! holds everything the tick vouches for (see [`ServerMessage::Tick`]). An idle session then
+//! costs one datagram per client per tick and nothing more, where a tick on the channel cost
+//! renet's records on both ends and an acknowledgement datagram back.
+//!
+//! ```
+//! use synq_protocol::{Limits, ServerMessage, codec, udp};
+//!
+//! let payload = udp::tick_payload(&ServerMessage::Tick { time: 1_050, seq: 7 });
+//! let frame = udp::tick_frame(&payload).expect("a tick datagram");
+//! let tick = codec::decode_server(frame, &Limits::default()).unwrap();
+//! assert_eq!(tick, ServerMessage::Tick { time: 1_050, seq: 7 });
+//! assert!(udp::tick_frame(&[udp::RENET_ACK_PACKET, 0, 0]).is_none());
+//! ```
 
 use std::time::Duration;
 
 use renet::{ChannelConfig, ConnectionConfig, SendType};
+
+use crate::codec;
+use crate::wire::ServerMessage;
+
+mod client;
+
+pub use client::ClientSocket;
+
+/// The first byte of a netcode payload that carries a tick's codec frame instead of a renet
+/// packet (renet's packet types are 0 to 4).
+pub const TICK_PAYLOAD: u8 = 0xA7;
+
+/// renet's packet type of an ack-only packet (the first byte of its payload): neither end answers
+/// one with acks of its own.
+pub const RENET_ACK_PACKET: u8 = 4;
+
+/// The netcode payload of a tick datagram: [`TICK_PAYLOAD`] and the codec frame of `tick` (any
+/// server message encodes, but only ticks are sent this way).
+pub fn tick_payload(tick: &ServerMessage) -> Vec<u8> {
+    let frame = codec::encode_server(tick);
+    let mut payload = Vec::with_capacity(1 + frame.len());
+    payload.push(TICK_PAYLOAD);
+    payload.extend_from_slice(&frame);
+    payload
+}
+
+/// The codec frame a tick datagram's netcode payload carries, or `None` for a renet packet.
+pub fn tick_frame(payload: &[u8]) -> Option<&[u8]> {
+    match payload.split_first() {
+        Some((&TICK_PAYLOAD, frame)) => Some(frame),
+        _ => None,
+    }
+}
 
 /// The renet channel every bevy_synq message travels on (reliable, ordered), in both directions.
 pub const CHANNEL: u8 = 0;

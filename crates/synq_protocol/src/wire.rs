@@ -161,7 +161,18 @@ pub enum ServerMessage {
     /// An external message, stamped by the reflector.
     Event(StampedEvent),
     /// A heartbeat: session time advanced with no event.
-    Tick(SessionTime),
+    ///
+    /// Ticks may travel outside the ordered stream of the other messages (the UDP transport sends
+    /// them as single unreliable datagrams, see [`crate::udp`]), so each carries the session's last
+    /// sequence number when it was sent: every event after `seq` is stamped at `time` or later. A
+    /// client that holds every event up to `seq` may advance to `time`; one that does not yet
+    /// must ignore the tick (events before `seq` may be earlier than `time`).
+    Tick {
+        /// Session time when it was sent.
+        time: SessionTime,
+        /// The last sequence number the session had handed out when it was sent.
+        seq: u32,
+    },
     /// The result of the hash votes at a snapshot point.
     Tally(Tally),
     /// The reflector stored the snapshot this client uploaded.

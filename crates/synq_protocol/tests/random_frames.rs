@@ -90,7 +90,7 @@ fn seeds() -> Vec<Vec<u8>> {
             events: vec![],
         }),
         ServerMessage::Event(users),
-        ServerMessage::Tick(1234),
+        ServerMessage::Tick { time: 1234, seq: 9 },
         ServerMessage::Challenge(Challenge([3; 32])),
         ServerMessage::Tally(Tally {
             purpose: VotePurpose::Persist,
@@ -208,7 +208,7 @@ fn three_hundred_thousand_mutated_frames_never_panic() {
 fn random_chunk_streams_stay_bounded() {
     let limits = Limits { max_frame_bytes: 4096, max_chunks: 32, ..Limits::default() };
     let mut rng = Rng(42);
-    let frame = codec::encode_server(&ServerMessage::Tick(7));
+    let frame = codec::encode_server(&ServerMessage::Tick { time: 7, seq: 3 });
     let mut big = frame.clone();
     big.resize(3000, 0);
     for _ in 0..2_000 {

@@ -19,10 +19,15 @@ use crate::access::AccessControl;
 use crate::session::{AwaitedUpload, Session, TallyState, UsersBatch, event_bytes};
 use crate::storage::{Claim, SessionMeta, Storage, StorageError, StoredSession};
 
-/// Session time is recorded in storage at least this often while a session is active, and a
-/// session resumed from storage continues this far after the last record, so that no client can
-/// have seen a later time.
+/// A session resumed from storage continues this far after the latest time recorded for it
+/// (events' times and clock marks), so that no client can have seen a later time.
 pub const TIME_MARK_MS: u64 = 100;
+
+/// While a session is active its clock is recorded ahead: when session time reaches the last mark,
+/// a mark this far ahead is written, so an idle session writes one mark a second rather than one
+/// per [`TIME_MARK_MS`]. A session resumed from storage may therefore continue up to this much
+/// later than clients last saw: its clock jumps forward once, never back.
+const TIME_LEASE_MS: u64 = 1000;
 
 /// The event log is made durable (fsync) this often.
 const SYNC_EVERY_MS: u64 = 1000;
@@ -476,10 +481,10 @@ impl Reflector {
                 flush_users(session, now, &mut self.unappended, &mut self.outputs);
             }
             let time = session.time(now);
-            if time >= session.last_mark + TIME_MARK_MS {
-                session.last_mark = time;
+            if time >= session.last_mark {
+                session.last_mark = time + TIME_LEASE_MS;
                 if let Some(storage) = self.storage.as_mut()
-                    && let Err(error) = storage.mark_time(&session.id, time)
+                    && let Err(error) = storage.mark_time(&session.id, session.last_mark)
                 {
                     tracing::error!(session = %session.id, %error, "cannot record session time");
                 }
@@ -489,7 +494,7 @@ impl Reflector {
                 close_tally(session, key, &mut self.outputs);
             }
             if now >= session.last_broadcast + u64::from(session.tick_ms) {
-                let tick = Arc::new(ServerMessage::Tick(session.time(now)));
+                let tick = Arc::new(ServerMessage::Tick { time: session.time(now), seq: session.seq });
                 session.last_broadcast = now;
                 for (client, _) in &session.clients {
                     self.outputs.push(Output::Send { client: *client, message: tick.clone() });

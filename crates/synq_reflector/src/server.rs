@@ -607,15 +607,27 @@ impl UdpReflector {
                 match output {
                     Output::Send { client, message } => {
                         let Some(&renet) = self.by_core.get(&client) else { continue };
+                        let tick = matches!(*message, ServerMessage::Tick { .. });
                         let frame = match &last {
                             Some((cached, frame)) if Arc::ptr_eq(cached, &message) => frame.clone(),
                             _ => {
-                                let frame = Bytes::from(codec::encode_server(&message));
+                                let frame = if tick {
+                                    Bytes::from(synq_protocol::udp::tick_payload(&message))
+                                } else {
+                                    Bytes::from(codec::encode_server(&message))
+                                };
                                 last = Some((message, frame.clone()));
                                 frame
                             }
                         };
-                        self.send_frame(t, now, client, renet, frame);
+                        if tick {
+                            // Outside the channel, unacknowledged: see `synq_protocol::udp#ticks`.
+                            if !self.closing.contains_key(&renet) {
+                                self.transport.send_datagram(now, renet, &frame);
+                            }
+                        } else {
+                            self.send_frame(t, now, client, renet, frame);
+                        }
                     }
                     Output::Close { client, reason } => self.close(t, now, client, reason),
                 }

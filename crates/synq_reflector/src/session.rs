@@ -45,7 +45,7 @@ pub(crate) struct Session {
     pub tick_ms: u32,
     /// Reflector clock of the last broadcast (event or tick).
     pub last_broadcast: u64,
-    /// Session time last recorded in storage.
+    /// The clock mark last recorded in storage: ahead of session time while the session is active.
     pub last_mark: SessionTime,
     /// Bytes of the buffered events (payloads and a fixed overhead each).
     pub buffered_bytes: usize,

@@ -17,14 +17,17 @@
 //!
 //! - An event is appended before it is broadcast, so an event any client has seen survives a
 //!   crash of the reflector process (`kill -9`): the append has reached the operating system.
-//!   The event log is fsynced on [`Storage::sync`] (the server calls it periodically); a power
-//!   loss may lose what was appended since.
+//!   The event log is fsynced on [`Storage::sync`] (the server calls it periodically) when events
+//!   were appended since the last sync; a power loss may lose what was appended since.
 //! - Snapshots, session metadata, persisted data and membership keys are written atomically
 //!   (temporary file, fsync, rename, fsync of the directory), so a crash leaves the old or the
 //!   new version, never a torn one. So is every rewrite of an event log.
-//! - The session clock never goes backwards across a restart: storage keeps the latest time it
-//!   recorded for a session (events' times and clock marks), through snapshot writes too, and
-//!   [`StoredSession::time`] is at least that.
+//! - The session clock never goes backwards across a restart of the reflector process: storage
+//!   keeps the latest time it recorded for a session (events' times and clock marks), through
+//!   snapshot writes too, and [`StoredSession::time`] is at least that. A clock mark alone does not
+//!   make a log need a sync (an idle session would cost a disk flush a second): after a power
+//!   loss the clock may resume from the last synced record, earlier than clients saw, and they
+//!   resync from the reflector's state (a reflector that lost history is handled so anyway).
 //!
 //! Damage rules (a disk, a file system or an operator can damage what was written):
 //!
@@ -291,7 +294,8 @@ pub trait Storage: Send {
     /// Pins the membership key of a persistent id; written durably before the first member is
     /// admitted.
     fn pin_member_key(&mut self, persistent_id: &PersistentId, key: &[u8; 32]) -> Result<(), StorageError>;
-    /// Makes everything appended so far durable.
+    /// Makes every event appended so far durable (clock marks ride along, see the module
+    /// documentation).
     fn sync(&mut self) -> Result<(), StorageError>;
     /// The reflector unloaded the session from memory: release what is held open for it (its
     /// state stays stored and is loaded again by [`Storage::load_session`]).

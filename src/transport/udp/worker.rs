@@ -1,6 +1,5 @@
 //! The network thread of one [`super::UdpConnection`]: the socket, netcode and renet live here.
 
-use std::io;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -8,25 +7,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use renet::{ConnectionConfig, RenetClient};
-use renetcode::{ClientAuthentication, NetcodeClient};
+use renetcode::ClientAuthentication;
 use synq_protocol::Limits;
 use synq_protocol::codec;
-use synq_protocol::netcode_guard::{MAX_DATAGRAM_BYTES, check_client_bound};
-use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
+use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, ClientSocket, connection_config};
 use synq_protocol::wire::ServerMessage;
 
 /// The longest the thread sleeps: it wakes at least this often to take the app's frames, advance
 /// renet and netcode (resends, keep-alives, timeouts).
 const WAKE_EVERY: Duration = Duration::from_millis(1);
 
-/// Acknowledgements (and resends) are flushed this often when the app queued nothing: renet adds
-/// an ack-only packet to every flush until the reflector confirms it got the acks, so flushing
-/// on every wake-up would send a datagram a millisecond while anything arrives. (The reflector
-/// resends after 100 ms without an ack.)
+/// Acknowledgements (and resends) are flushed this often when the app queued nothing, and only
+/// while something is owed ([`ClientSocket::owes_flush`]): flushing on every wake-up would send a
+/// datagram a millisecond while anything arrives. (The reflector resends after 100 ms without an
+/// ack.) An idle session's ticks are not acknowledged: an idle client sends only netcode's
+/// keep-alives.
 const ACK_FLUSH: Duration = Duration::from_millis(10);
-
-/// Datagrams taken per wake-up at most, so that a flood cannot starve the sending side.
-const MAX_DATAGRAMS_PER_WAKE: usize = 1024;
 
 /// Bytes renet may send per flush (its `available_bytes_per_tick`; the reflector's is
 /// [`synq_protocol::udp::BYTES_PER_FLUSH`]). The thread flushes again at every wake-up (about
@@ -129,7 +125,9 @@ fn random_client_id() -> u64 {
 /// The network thread's state: renet over netcode over the socket, and the channels to the app.
 pub(super) struct Worker {
     client: RenetClient,
-    transport: Transport,
+    transport: ClientSocket,
+    /// Tick datagrams taken in by the last update, decoded, to deliver after its messages.
+    ticks: Vec<Result<ServerMessage, String>>,
     limits: Limits,
     frames: Receiver<Vec<u8>>,
     inbound: Sender<Inbound>,
@@ -163,13 +161,17 @@ impl Worker {
             user_data: None,
         };
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let transport = Transport::new(now, authentication, socket)?;
+        for (option, error) in synq_protocol::udp::enlarge_socket_buffers(&socket) {
+            tracing::warn!("bevy_synq: could not set {option} on the UDP socket: {error}");
+        }
+        let transport = ClientSocket::new(now, authentication, socket)?;
         let config = ConnectionConfig { available_bytes_per_tick: BYTES_PER_FLUSH, ..connection_config() };
         let bytes_per_flush = config.available_bytes_per_tick;
         let started = Instant::now();
         Ok(Self {
             client: RenetClient::new(config),
             transport,
+            ticks: Vec::new(),
             limits: connector.limits,
             frames,
             inbound,
@@ -189,7 +191,7 @@ impl Worker {
                 break stop;
             }
             self.publish();
-            self.transport.wait(WAKE_EVERY);
+            wait(self.transport.socket(), WAKE_EVERY);
         };
         match stop {
             Stop::Failed(reason) => {
@@ -215,7 +217,8 @@ impl Worker {
         self.last_update = now;
         self.client.update(dt);
         let free_before = self.client.channel_available_memory(CHANNEL);
-        let updated = self.transport.update(dt, &mut self.client);
+        let (limits, ticks) = (&self.limits, &mut self.ticks);
+        let updated = self.transport.update(dt, &mut self.client, |frame| ticks.push(decode_tick(frame, limits)));
         // Acknowledgements free renet's memory: the app may queue that much more.
         let free_after = self.client.channel_available_memory(CHANNEL);
         if free_after > free_before {
@@ -229,13 +232,22 @@ impl Worker {
                 return Err(Stop::AppGone);
             }
         }
+        // After the messages that arrived with them: a tick that overtook none of them applies.
+        for tick in self.ticks.drain(..) {
+            let tick = tick.map_err(Stop::Failed)?;
+            if self.inbound.send(Inbound::Message(Arc::new(tick))).is_err() {
+                return Err(Stop::AppGone);
+            }
+        }
         updated.map_err(|e| Stop::Failed(format!("disconnected: {e}")))?;
         if app_gone {
             return Err(Stop::AppGone);
         }
         if self.client.is_connected() {
             self.connect_deadline = None;
-            if queued || self.saturated || now.saturating_duration_since(self.last_flush) >= ACK_FLUSH {
+            let ack_due =
+                now.saturating_duration_since(self.last_flush) >= ACK_FLUSH && self.transport.owes_flush(&self.client);
+            if queued || self.saturated || ack_due {
                 self.flush(now).map_err(|e| Stop::Failed(format!("cannot send: {e}")))?;
             }
         } else if self.connect_deadline.is_some_and(|deadline| now >= deadline) {
@@ -297,12 +309,12 @@ impl Worker {
             if self.client.channel_available_memory(CHANNEL) == CHANNEL_MEMORY_BYTES || Instant::now() >= deadline {
                 return;
             }
-            self.transport.wait(WAKE_EVERY);
+            wait(self.transport.socket(), WAKE_EVERY);
             let now = Instant::now();
             let dt = now.saturating_duration_since(self.last_update);
             self.last_update = now;
             self.client.update(dt);
-            if self.transport.update(dt, &mut self.client).is_err() {
+            if self.transport.update(dt, &mut self.client, |_| {}).is_err() {
                 return;
             }
             // Nobody reads them any more.
@@ -311,103 +323,49 @@ impl Worker {
     }
 }
 
-/// netcode over a UDP socket (what `renet_netcode::NetcodeClientTransport` does), with every
-/// received datagram checked before renetcode parses it.
-struct Transport {
-    socket: UdpSocket,
-    netcode: NetcodeClient,
-    buffer: Box<[u8; MAX_DATAGRAM_BYTES]>,
+/// A tick datagram's frame, decoded; anything but a tick is refused (only ticks may travel
+/// outside the ordered channel).
+fn decode_tick(frame: &[u8], limits: &Limits) -> Result<ServerMessage, String> {
+    match codec::decode_server(frame, limits) {
+        Ok(tick @ ServerMessage::Tick { .. }) => Ok(tick),
+        Ok(_) => Err("the reflector sent a message other than a tick outside the channel".into()),
+        Err(e) => Err(format!("undecodable tick from the reflector: {e}")),
+    }
 }
 
-impl Transport {
-    fn new(now: Duration, authentication: ClientAuthentication, socket: UdpSocket) -> Result<Self, String> {
-        socket.set_nonblocking(true).map_err(|e| format!("cannot configure the UDP socket: {e}"))?;
-        for (option, error) in synq_protocol::udp::enlarge_socket_buffers(&socket) {
-            tracing::warn!("bevy_synq: could not set {option} on the UDP socket: {error}");
-        }
-        let netcode = NetcodeClient::new(now, authentication).map_err(|e| e.to_string())?;
-        Ok(Self { socket, netcode, buffer: Box::new([0; MAX_DATAGRAM_BYTES]) })
+/// Waits until a datagram arrives on `socket` or `timeout` passed (on unix; elsewhere, sleeps).
+fn wait(socket: &UdpSocket, timeout: Duration) {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let mut pollfd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // poll(2) counts whole milliseconds: round up, so a sub-millisecond wait still waits.
+        let timeout_ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `pollfd` is valid for the call and the socket, borrowed for it, stays open.
+        // An error (EINTR) just ends the wait early.
+        unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
     }
-
-    /// Waits until a datagram arrives or `timeout` passed (on unix; elsewhere, sleeps).
-    fn wait(&self, timeout: Duration) {
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            let mut pollfd = libc::pollfd { fd: self.socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // poll(2) counts whole milliseconds: round up, so a sub-millisecond wait still waits.
-            let timeout_ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-            // SAFETY: `pollfd` is valid for the call and the socket, owned by `self`, stays open.
-            // An error (EINTR) just ends the wait early.
-            unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
-        }
-        #[cfg(not(unix))]
+    #[cfg(not(unix))]
+    {
+        let _ = socket;
         std::thread::sleep(timeout);
     }
+}
 
-    /// Takes in what arrived from the reflector, advances netcode by `duration` and sends its
-    /// handshake or keep-alive packet if one is due.
-    fn update(&mut self, duration: Duration, client: &mut RenetClient) -> Result<(), String> {
-        if let Some(reason) = self.netcode.disconnect_reason() {
-            client.disconnect_due_to_transport();
-            return Err(reason.to_string());
-        }
-        if let Some(reason) = client.disconnect_reason() {
-            self.disconnect();
-            return Err(reason.to_string());
-        }
-        if self.netcode.is_connected() {
-            client.set_connected();
-        } else if self.netcode.is_connecting() {
-            client.set_connecting();
-        }
-        let server = self.netcode.server_addr();
-        for _ in 0..MAX_DATAGRAMS_PER_WAKE {
-            match self.socket.recv_from(&mut self.buffer[..]) {
-                Ok((len, addr)) => {
-                    let datagram = &mut self.buffer[..len];
-                    // Anyone may send to this port, and spoof the reflector's address too.
-                    if addr != server || check_client_bound(datagram).is_err() {
-                        continue;
-                    }
-                    if let Some(payload) = self.netcode.process_packet(datagram) {
-                        client.process_packet(payload);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => break,
-                // An ICMP "port unreachable" for an earlier send (Windows reports it here).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
-                Err(e) => return Err(format!("cannot receive: {e}")),
-            }
-        }
-        if let Some((packet, addr)) = self.netcode.update(duration) {
-            self.socket.send_to(packet, addr).map_err(|e| format!("cannot send: {e}"))?;
-        }
-        Ok(())
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synq_protocol::wire::{ErrorCode, ErrorMessage};
 
-    /// Sends what renet has queued; returns the payload bytes sent.
-    fn send_packets(&mut self, client: &mut RenetClient) -> Result<u64, String> {
-        if let Some(reason) = self.netcode.disconnect_reason() {
-            return Err(reason.to_string());
-        }
-        let mut sent = 0;
-        for packet in client.get_packets_to_send() {
-            let (addr, payload) = self.netcode.generate_payload_packet(&packet).map_err(|e| e.to_string())?;
-            self.socket.send_to(payload, addr).map_err(|e| e.to_string())?;
-            sent += packet.len() as u64;
-        }
-        Ok(sent)
-    }
-
-    /// Tells the reflector (once) that this end is gone.
-    fn disconnect(&mut self) {
-        if self.netcode.is_disconnected() {
-            return;
-        }
-        if let Ok((addr, packet)) = self.netcode.disconnect() {
-            // Best effort: the reflector times the connection out anyway.
-            let _ = self.socket.send_to(packet, addr);
-        }
+    #[test]
+    fn only_ticks_are_taken_from_outside_the_channel() {
+        let limits = Limits::default();
+        let tick = ServerMessage::Tick { time: 40, seq: 3 };
+        assert_eq!(decode_tick(&codec::encode_server(&tick), &limits), Ok(tick));
+        let error = ServerMessage::Error(ErrorMessage { code: ErrorCode::ShuttingDown, message: "bye".into() });
+        let refused = decode_tick(&codec::encode_server(&error), &limits).unwrap_err();
+        assert!(refused.contains("other than a tick"), "{refused}");
+        let garbage = decode_tick(&[0x53, 0x51, 0xff, 0xff, 1, 2, 3], &limits).unwrap_err();
+        assert!(garbage.contains("undecodable tick"), "{garbage}");
     }
 }

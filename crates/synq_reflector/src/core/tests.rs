@@ -123,12 +123,22 @@ fn ticks_only_after_silence() {
     let mut r = Reflector::new(ReflectorConfig::default());
     joined(&mut r, 0, 1, 10);
     r.poll(30);
-    assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))));
+    assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick { .. })));
     r.handle(40, 1, ClientMessage::Event(sealed(8).into()));
+    let stamped = sent(&mut r)
+        .iter()
+        .find_map(|(_, m)| match m {
+            ServerMessage::Event(event) => Some(event.seq),
+            _ => None,
+        })
+        .expect("the event was stamped");
     r.poll(80);
-    assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick(_))), "event at 40 resets the timer");
+    assert!(sent(&mut r).iter().all(|(_, m)| !matches!(m, ServerMessage::Tick { .. })), "event at 40 resets the timer");
     r.poll(90);
-    assert!(sent(&mut r).iter().any(|(_, m)| matches!(m, ServerMessage::Tick(90))));
+    // The tick vouches for every event up to the last one stamped: clients that lack it ignore it.
+    let ticks: Vec<_> = sent(&mut r).into_iter().filter(|(_, m)| matches!(m, ServerMessage::Tick { .. })).collect();
+    assert!(!ticks.is_empty());
+    assert!(ticks.iter().all(|(_, m)| *m == ServerMessage::Tick { time: 90, seq: stamped }));
     assert_eq!(r.next_deadline(), Some(140));
 }
 
@@ -457,7 +467,7 @@ fn a_restarted_reflector_resumes_its_sessions_from_storage() {
     let last_tick = before
         .iter()
         .filter_map(|(_, m)| match m {
-            ServerMessage::Tick(t) => Some(*t),
+            ServerMessage::Tick { time, .. } => Some(*time),
             _ => None,
         })
         .max()
@@ -933,14 +943,15 @@ fn a_lost_first_event_is_a_gap_and_an_absurd_held_time_is_refused() {
 
 /// Memory storage a test watches and steers: shared with other reflectors in the test's
 /// imagination (`others` names the sessions they serve, `lost` the claims to report lost at the
-/// next renewal); `appends` records how many events each append call carried; while `refuse` is
-/// set, appends fail.
+/// next renewal); `appends` records how many events each append call carried, `marks` every clock
+/// mark; while `refuse` is set, appends fail.
 #[derive(Default)]
 struct ObservedStorage {
     inner: crate::storage::MemoryStorage,
     others: std::sync::Arc<std::sync::Mutex<HashMap<SessionId, std::net::SocketAddr>>>,
     lost: std::sync::Arc<std::sync::Mutex<Vec<SessionId>>>,
     appends: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    marks: std::sync::Arc<std::sync::Mutex<Vec<SessionTime>>>,
     refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -965,6 +976,7 @@ impl Storage for ObservedStorage {
         self.inner.append_events(session, events)
     }
     fn mark_time(&mut self, session: &SessionId, time: SessionTime) -> Result<(), StorageError> {
+        self.marks.lock().unwrap().push(time);
         self.inner.mark_time(session, time)
     }
     fn store_snapshot(
@@ -1092,4 +1104,28 @@ fn events_storage_refuses_never_leave_and_their_session_is_failed() {
     let sync = sync.unwrap_or_else(|| panic!("no Sync: {out:?}"));
     assert!(matches!(sync.start, SyncStart::Resume), "{:?}", sync.start);
     assert_eq!(sync.seq, recorded[0].seq, "the refused events were never stamped for anyone");
+}
+
+#[test]
+fn an_idle_session_marks_its_clock_once_a_second_ahead_of_every_tick() {
+    let storage = ObservedStorage::default();
+    let marks = storage.marks.clone();
+    let mut r = Reflector::with_storage(ReflectorConfig::default(), Box::new(storage));
+    connect_and_join(&mut r, 0, 1, join(10));
+    sent(&mut r);
+    let mut latest_tick = 0;
+    for now in (5..=10_000).step_by(5) {
+        r.poll(now);
+        for (_, message) in sent(&mut r) {
+            if let ServerMessage::Tick { time, .. } = message {
+                // A restart resumes at the latest mark + TIME_MARK_MS: no tick may be later.
+                let recorded = marks.lock().unwrap().iter().copied().max().unwrap_or(0);
+                assert!(time < recorded + TIME_MARK_MS, "tick at {time} ms, clock recorded up to {recorded} ms");
+                latest_tick = time;
+            }
+        }
+    }
+    assert!(latest_tick >= 9_950, "ticks flowed: the last at {latest_tick} ms");
+    let marks = marks.lock().unwrap().len();
+    assert!((10..=12).contains(&marks), "{marks} clock marks in 10 s of an idle session (one a second)");
 }

@@ -28,9 +28,11 @@
 //! flush on a timer acknowledge each other's acknowledgements forever. The reflector asks renet
 //! for packets only when it has messages to send, when the client sent something other than acks
 //! (messages, slices) since the last time, or when a resend may be due: a client's acks alone get
-//! no answer, and an idle client costs the datagrams of its own flushes in and the reflector's
-//! heartbeat ticks (each with its ack packet) out. (Ack packets are never dropped once renet made
-//! them: a gap in the sequence numbers would split the peer's ack ranges.)
+//! no answer. Heartbeat ticks bypass renet ([`Transport::send_datagram`], see
+//! [`synq_protocol::udp#ticks`]), and clients acknowledge nothing else of an idle session, so an
+//! idle client costs its ticks out and netcode's keep-alives in (one every 250 ms), nothing more.
+//! (Ack packets are never dropped once renet made them: a gap in the sequence numbers would split
+//! the peer's ack ranges.)
 //!
 //! # Batched system calls
 //!
@@ -47,7 +49,7 @@ use std::time::{Duration, Instant};
 use renet::{Bytes, DisconnectReason, RenetClient};
 use renetcode::{NETCODE_MAX_PACKET_BYTES, NetcodeServer, ServerConfig, ServerResult};
 use synq_protocol::netcode_guard::{PacketKind, Rejected, check_server_bound};
-use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, connection_config};
+use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, RENET_ACK_PACKET, connection_config};
 
 use super::log_limit::{LogLimit, netcode_errors};
 
@@ -80,9 +82,6 @@ const TIMEOUT_CHECK: Duration = Duration::from_secs(1);
 /// How long an address that sent a connection request stays routed to its shard without
 /// completing the handshake.
 const HANDSHAKE_ROUTE: Duration = Duration::from_secs(10);
-
-/// renet's packet type of an ack-only packet (the first byte of its payload).
-pub(crate) const RENET_ACK_PACKET: u8 = 4;
 
 /// What the transport reports to the driver.
 #[derive(Debug)]
@@ -303,6 +302,23 @@ impl Transport {
     pub fn send_message(&mut self, id: u64, message: Bytes) {
         if let Some(connection) = self.connections.get_mut(&id) {
             connection.renet.send_message(CHANNEL, message);
+        }
+    }
+
+    /// Sends `payload` to `id` at the next [`Transport::send_queued`] as a netcode datagram of
+    /// its own, outside renet: no record, no resend (a tick datagram, see
+    /// [`synq_protocol::udp#ticks`]).
+    pub fn send_datagram(&mut self, now: Instant, id: u64, payload: &[u8]) {
+        let Some(connection) = self.connections.get_mut(&id) else { return };
+        if !connection.renet.is_connected() {
+            return;
+        }
+        match self.shards[connection.shard].netcode.generate_payload_packet(connection.netcode_id, payload) {
+            Ok((addr, datagram)) => {
+                self.outbox.push(addr, datagram);
+                connection.last_sent = now;
+            }
+            Err(error) => tracing::debug!(id, %error, "cannot seal a datagram"),
         }
     }
 

@@ -37,6 +37,8 @@ pub struct DiskStorage {
 struct OpenLog {
     file: File,
     time: SessionTime,
+    /// Events were appended since the last [`Storage::sync`] (time marks alone do not count).
+    unsynced: bool,
 }
 
 /// The first bytes of every file written by [`write_checked`].
@@ -171,7 +173,7 @@ impl DiskStorage {
             write_file_atomic(&path, &log::new_log(&read.events, read.time))?;
         }
         let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
-        self.logs.insert(*session, OpenLog { file, time: read.time });
+        self.logs.insert(*session, OpenLog { file, time: read.time, unsynced: false });
         Ok(read)
     }
 
@@ -194,6 +196,7 @@ impl DiskStorage {
         match log.file.write_all(&buffer) {
             Ok(()) => {
                 log.time = log.time.max(latest);
+                log.unsynced |= records.iter().any(|r| matches!(r, LogRecord::Event(_)));
                 Ok(())
             }
             Err(e) => {
@@ -269,7 +272,7 @@ impl Storage for DiskStorage {
         let path = self.log_path(session);
         write_file_atomic(&path, &log::new_log(remaining, time))?;
         let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
-        self.logs.insert(*session, OpenLog { file, time });
+        self.logs.insert(*session, OpenLog { file, time, unsynced: false });
         Ok(())
     }
 
@@ -289,11 +292,25 @@ impl Storage for DiskStorage {
         write_checked(&self.persisted_path(persistent_id, "member"), key, "membership key")
     }
 
+    /// Syncs the logs that events were appended to since the last sync. A log that only
+    /// received time marks is left to the system's writeback: an idle session then costs no disk
+    /// flush, and a mark lost with the machine's power only lets session time resume earlier,
+    /// which clients handle by resyncing (see the durability contract in [`crate::storage`]).
     fn sync(&mut self) -> Result<(), StorageError> {
-        for (session, log) in &self.logs {
-            log.file.sync_data().map_err(io_err(&self.log_path(session)))?;
+        let mut failed = None;
+        for (session, log) in self.logs.iter_mut().filter(|(_, log)| log.unsynced) {
+            match log.file.sync_data() {
+                Ok(()) => log.unsynced = false,
+                Err(error) => {
+                    failed = Some((*session, error));
+                    break;
+                }
+            }
         }
-        Ok(())
+        match failed {
+            Some((session, error)) => Err(io_err(&self.log_path(&session))(error)),
+            None => Ok(()),
+        }
     }
 
     fn unload_session(&mut self, session: &SessionId) {

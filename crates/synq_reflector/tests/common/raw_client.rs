@@ -5,12 +5,12 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use renet::RenetClient;
-use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
+use renetcode::ClientAuthentication;
 use synq_protocol::codec;
 use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, MemberSignature};
-use synq_protocol::udp::{CHANNEL, DEFAULT_PROTOCOL_ID, connection_config};
+use synq_protocol::udp::{CHANNEL, ClientSocket, DEFAULT_PROTOCOL_ID, connection_config};
 use synq_protocol::wire::{ClientMessage, ErrorCode, EventBody, Join, ServerMessage, StampedEvent};
 use synq_protocol::{Limits, PROTOCOL_VERSION};
 
@@ -20,7 +20,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// A bare renet client speaking the codec.
 pub struct RawClient {
     pub client: RenetClient,
-    pub transport: NetcodeClientTransport,
+    pub transport: ClientSocket,
     pub last: Instant,
     pub received: Vec<ServerMessage>,
     /// How many of `received` were consumed by `wait_for`.
@@ -43,7 +43,7 @@ impl RawClient {
         };
         let mut raw = Self {
             client: RenetClient::new(connection_config()),
-            transport: NetcodeClientTransport::new(now, auth, socket).unwrap(),
+            transport: ClientSocket::new(now, auth, socket).unwrap(),
             last: Instant::now(),
             received: Vec::new(),
             cursor: 0,
@@ -64,12 +64,18 @@ impl RawClient {
         let dt = now - self.last;
         self.last = now;
         self.client.update(dt);
-        if let Err(e) = self.transport.update(dt, &mut self.client) {
+        let mut ticks = Vec::new();
+        if let Err(e) = self.transport.update(dt, &mut self.client, |frame| ticks.push(frame.to_vec())) {
             self.failed.get_or_insert(e.to_string());
         }
         while let Some(frame) = self.client.receive_message(CHANNEL) {
             let message = codec::decode_server(&frame, &Limits::default()).expect("the reflector sends valid frames");
             self.received.push(message);
+        }
+        for frame in ticks {
+            let tick = codec::decode_server(&frame, &Limits::default()).expect("the reflector sends valid ticks");
+            assert!(matches!(tick, ServerMessage::Tick { .. }), "only ticks travel outside the channel: {tick:?}");
+            self.received.push(tick);
         }
         if self.client.is_connected() {
             let _ = self.transport.send_packets(&mut self.client);

@@ -8,13 +8,13 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use renet::RenetClient;
-use renet_netcode::{ClientAuthentication, NetcodeClientTransport};
+use renetcode::ClientAuthentication;
 use synq_protocol::Limits;
 use synq_protocol::codec;
 use synq_protocol::crypto::{Sealed, SessionKey};
 use synq_protocol::ids::{PersistentId, SessionId, ViewId};
 use synq_protocol::membership::{self, Challenge, MemberSignature};
-use synq_protocol::udp::{CHANNEL, connection_config, enlarge_socket_buffers};
+use synq_protocol::udp::{CHANNEL, ClientSocket, connection_config, enlarge_socket_buffers};
 use synq_protocol::wire::{
     ClientMessage, EventBody, HashVote, ServerMessage, SnapshotRecord, StampedEvent, VotePurpose,
 };
@@ -107,7 +107,7 @@ impl Rng {
 /// One simulated client.
 struct LoadClient {
     renet: RenetClient,
-    transport: NetcodeClientTransport,
+    transport: ClientSocket,
     #[cfg(unix)]
     fd: std::os::fd::RawFd,
     /// Global index: the sender id in payloads and the row of the table.
@@ -121,7 +121,7 @@ struct LoadClient {
     sent: u32,
     /// Messages were queued since the last flush.
     queued: bool,
-    /// The next flush even with nothing queued.
+    /// The next flush of acks and resends, if any are owed, with nothing queued.
     next_flush: Instant,
     flush_every: Duration,
     synced: bool,
@@ -147,7 +147,7 @@ impl LoadClient {
             server_addr: addr,
             user_data: None,
         };
-        let transport = NetcodeClientTransport::new(now, auth, socket).map_err(|e| format!("netcode: {e}"))?;
+        let transport = ClientSocket::new(now, auth, socket).map_err(|e| format!("netcode: {e}"))?;
         let session_index = index / args.clients;
         let mut id = [0u8; 32];
         id[..8].copy_from_slice(&run.to_le_bytes());
@@ -191,7 +191,8 @@ impl LoadClient {
         let dt = now.saturating_duration_since(self.last_update);
         self.last_update = now;
         self.renet.update(dt);
-        if self.transport.update(dt, &mut self.renet).is_err() {
+        // Ticks are not counted: nothing here waits for session time.
+        if self.transport.update(dt, &mut self.renet, |_| {}).is_err() {
             stats.transport_errors += 1;
         }
         if !self.dead && self.renet.is_disconnected() {
@@ -201,10 +202,13 @@ impl LoadClient {
         now
     }
 
+    /// Sends what is queued, and acks or resends if any are owed (as bevy_synq's client does: an
+    /// idle client sends nothing but netcode's keep-alives).
     fn flush(&mut self, stats: &mut ThreadStats) {
+        let owed = self.queued || self.transport.owes_flush(&self.renet);
         self.queued = false;
         self.next_flush = self.last_update + self.flush_every;
-        if self.renet.is_connected() && self.transport.send_packets(&mut self.renet).is_err() {
+        if owed && self.renet.is_connected() && self.transport.send_packets(&mut self.renet).is_err() {
             stats.transport_errors += 1;
         }
     }
