@@ -17,8 +17,9 @@
 //!
 //! - An event is appended before it is broadcast, so an event any client has seen survives a
 //!   crash of the reflector process (`kill -9`): the append has reached the operating system.
-//!   The event log is fsynced on [`Storage::sync`] (the server calls it periodically) when events
-//!   were appended since the last sync; a power loss may lose what was appended since.
+//!   The event log is fsynced after [`Storage::sync`] (the server calls it every second; the
+//!   fsync runs on a thread of its own) when events were appended since the last sync; a power
+//!   loss may lose what was appended since the last completed fsync.
 //! - Snapshots, session metadata, persisted data and membership keys are written atomically
 //!   (temporary file, fsync, rename, fsync of the directory), so a crash leaves the old or the
 //!   new version, never a torn one. So is every rewrite of an event log.
@@ -295,7 +296,8 @@ pub trait Storage: Send {
     /// admitted.
     fn pin_member_key(&mut self, persistent_id: &PersistentId, key: &[u8; 32]) -> Result<(), StorageError>;
     /// Makes every event appended so far durable (clock marks ride along, see the module
-    /// documentation).
+    /// documentation). [`DiskStorage`] does it on a thread of its own and returns at once; a
+    /// failure is reported by a later call, and by dropping the storage, which waits for it.
     fn sync(&mut self) -> Result<(), StorageError>;
     /// The reflector unloaded the session from memory: release what is held open for it (its
     /// state stays stored and is loaded again by [`Storage::load_session`]).

@@ -13,6 +13,10 @@ use synq_protocol::wire::{PersistRecord, SessionTime, SnapshotRecord, StampedEve
 use super::log::{self, LogRecord, ReadLog};
 use super::{SessionMeta, Storage, StorageDamage, StorageError, StoredSession, missing_seqs};
 
+mod syncer;
+
+use syncer::{Batch, Syncer};
+
 /// A data directory on local disk.
 ///
 /// ```text
@@ -31,6 +35,11 @@ pub struct DiskStorage {
     root: PathBuf,
     /// The event logs open for appending.
     logs: HashMap<SessionId, OpenLog>,
+    /// Syncs logs off the caller's thread ([`Storage::sync`] returns at once).
+    syncer: Syncer,
+    /// Logs to sync that the syncer could not take yet (it was busy), and logs of sessions
+    /// unloaded with events not synced.
+    pending: Batch,
 }
 
 /// A session's event log, open for appending, and the latest time recorded for the session.
@@ -127,7 +136,8 @@ impl DiskStorage {
         for dir in [root.join("sessions"), root.join("persisted")] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        Ok(Self { root, logs: HashMap::new() })
+        let syncer = Syncer::start().map_err(io_err(&root))?;
+        Ok(Self { root, logs: HashMap::new(), syncer, pending: Vec::new() })
     }
 
     fn session_dir(&self, session: &SessionId) -> PathBuf {
@@ -292,22 +302,37 @@ impl Storage for DiskStorage {
         write_checked(&self.persisted_path(persistent_id, "member"), key, "membership key")
     }
 
-    /// Syncs the logs that events were appended to since the last sync. A log that only
-    /// received time marks is left to the system's writeback: an idle session then costs no disk
-    /// flush, and a mark lost with the machine's power only lets session time resume earlier,
-    /// which clients handle by resyncing (see the durability contract in [`crate::storage`]).
+    /// Has the logs that events were appended to since the last sync synced on the storage's
+    /// own thread, and returns at once: an `fdatasync` per active session in the reflector's
+    /// loop held every session's events back. A failure is reported by the next call. While
+    /// the thread is still busy with the previous batch, the logs wait for a later call.
+    ///
+    /// A log that only received time marks is left to the system's writeback: an idle session
+    /// then costs no disk flush, and a mark lost with the machine's power only lets session time
+    /// resume earlier, which clients handle by resyncing (see the durability contract in
+    /// [`crate::storage`]).
     fn sync(&mut self) -> Result<(), StorageError> {
         let mut failed = None;
-        for (session, log) in self.logs.iter_mut().filter(|(_, log)| log.unsynced) {
-            match log.file.sync_data() {
-                Ok(()) => log.unsynced = false,
-                Err(error) => {
-                    failed = Some((*session, error));
-                    break;
+        if self.pending.is_empty() {
+            for (session, log) in self.logs.iter_mut().filter(|(_, log)| log.unsynced) {
+                match log.file.try_clone() {
+                    Ok(file) => {
+                        self.pending.push((*session, file));
+                        log.unsynced = false;
+                    }
+                    Err(error) => {
+                        failed = Some((*session, error));
+                        break;
+                    }
                 }
             }
         }
-        match failed {
+        if !self.pending.is_empty()
+            && let Err(batch) = self.syncer.submit(std::mem::take(&mut self.pending))
+        {
+            self.pending = batch;
+        }
+        match failed.or_else(|| self.syncer.failure()) {
             Some((session, error)) => Err(io_err(&self.log_path(&session))(error)),
             None => Ok(()),
         }
@@ -315,9 +340,22 @@ impl Storage for DiskStorage {
 
     fn unload_session(&mut self, session: &SessionId) {
         if let Some(log) = self.logs.remove(session)
-            && let Err(error) = log.file.sync_data()
+            && log.unsynced
         {
-            tracing::error!(%session, %error, "cannot sync the event log of an unloaded session");
+            self.pending.push((*session, log.file));
+        }
+    }
+}
+
+impl Drop for DiskStorage {
+    /// Waits for the syncs under way, then syncs what is left here.
+    fn drop(&mut self) {
+        self.syncer.finish();
+        let unsynced = self.logs.iter().filter(|(_, log)| log.unsynced).map(|(session, log)| (session, &log.file));
+        for (session, file) in self.pending.iter().map(|(session, file)| (session, file)).chain(unsynced) {
+            if let Err(error) = file.sync_data() {
+                tracing::error!(%session, %error, "cannot sync an event log");
+            }
         }
     }
 }
@@ -455,6 +493,29 @@ mod tests {
         assert_eq!(storage.load_member_key(&P).unwrap(), Some([6; 32]));
         assert_eq!(storage.load_member_key(&PersistentId([1; 32])).unwrap(), None);
         assert!(storage.load_session(&SessionId([9; 32])).unwrap().is_none());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn syncs_run_beside_appends_and_lose_nothing() {
+        let dir = temp_dir("syncer");
+        let mut storage = DiskStorage::open(&dir).unwrap();
+        storage.create_session(&S, &meta()).unwrap();
+        let events: Vec<StampedEvent> = (1..=60).map(|seq| event(seq, u64::from(seq) * 10)).collect();
+        for (i, event) in events.iter().enumerate() {
+            storage.append_events(&S, std::slice::from_ref(event)).unwrap();
+            // Returns at once, whether the syncer took the logs or was busy with earlier ones.
+            storage.sync().unwrap();
+            if i % 20 == 10 {
+                storage.unload_session(&S); // its unsynced log is synced later
+            }
+        }
+        drop(storage); // waits for the syncs under way and syncs what is left
+
+        let mut storage = DiskStorage::open(&dir).unwrap();
+        let stored = storage.load_session(&S).unwrap().expect("stored");
+        assert_eq!(stored.events, events);
+        assert_eq!(stored.damage, None);
         let _ = fs::remove_dir_all(dir);
     }
 
