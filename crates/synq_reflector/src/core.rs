@@ -337,7 +337,12 @@ impl Reflector {
 
     /// Whether the connection has joined a session (its membership proved).
     pub fn has_joined(&self, client: ClientId) -> bool {
-        self.clients.get(&client).is_some_and(|c| c.session.is_some())
+        self.session_of(client).is_some()
+    }
+
+    /// The session the connection joined, if it did.
+    pub fn session_of(&self, client: ClientId) -> Option<SessionId> {
+        self.clients.get(&client).and_then(|c| c.session)
     }
 
     /// A new connection. It is sent a [`ServerMessage::Challenge`] and must answer with `Join`.

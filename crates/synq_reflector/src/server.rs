@@ -48,8 +48,10 @@
 //! frames and their resends would crowd out new frames and grow without bound. So the reflector
 //! sheds the excess at its input: a client's `Event` is refused, before the core stamps it, while
 //! the client's own connection holds more than [`UdpReflectorConfig::max_sender_backlog_bytes`]
-//! unacknowledged or queued bytes (every member receives every event of its session, its own
-//! included, so its backlog reflects the session's). The sender is told with
+//! unacknowledged or queued bytes, counting the events its session admitted earlier in the same
+//! pass (every member receives every event of its session, its own included, so its backlog
+//! reflects the session's, and one pass over many senders adds to every member's). The sender is
+//! told with
 //! [`ErrorCode::RateLimited`] ("the reflector is overloaded; event dropped"), at most once per
 //! [`OVERLOAD_NOTICE_EVERY`], and refusals are counted in the rate-limited log. Nothing stamped is
 //! ever dropped: what was admitted reaches every member, in order.
@@ -71,6 +73,7 @@ pub use hosting::{HostedReflector, reachable_addresses};
 pub use log_limit::netcode_error_counter;
 use log_limit::{LogLimit, REPORT_EVERY};
 use synq_protocol::codec::{self, DecodeError};
+use synq_protocol::ids::SessionId;
 use synq_protocol::udp::{CHANNEL_MEMORY_BYTES, DEFAULT_PROTOCOL_ID};
 use synq_protocol::wire::{ClientMessage, ErrorCode, ErrorMessage, ServerMessage};
 use transport::{Event, Transport};
@@ -521,12 +524,14 @@ impl UdpReflector {
         let mut readable = self.transport.take_readable();
         readable.sort_unstable();
         readable.dedup();
+        // The bytes of events each session admitted in this pass: each comes back to every member
+        // of the session once dispatched, so they count towards every member's backlog already.
+        let mut admitted_in: HashMap<SessionId, usize> = HashMap::new();
         for renet in readable {
             let Some(&client) = self.by_renet.get(&renet) else { continue };
-            // The events admitted from this connection in this pass: each comes back to it once
-            // dispatched, so they count towards its backlog already.
-            let mut admitted = 0;
+            let session = self.core.session_of(client);
             loop {
+                let admitted = session.and_then(|s| admitted_in.get(&s).copied()).unwrap_or(0);
                 if self.closing.contains_key(&renet) {
                     // Anything a closing client still sends is ignored.
                     while self.transport.receive_message(renet).is_some() {}
@@ -538,8 +543,8 @@ impl UdpReflector {
                         self.refuse_event(t, now, client, renet)
                     }
                     Ok(message) => {
-                        if matches!(message, ClientMessage::Event(_)) {
-                            admitted += frame.len();
+                        if let (ClientMessage::Event(_), Some(session)) = (&message, session) {
+                            *admitted_in.entry(session).or_default() += frame.len();
                         }
                         self.core.handle(t, client, message)
                     }
@@ -567,9 +572,9 @@ impl UdpReflector {
         self.dispatch(t, now);
     }
 
-    /// Whether `renet`'s own connection holds (or will hold, with the `pending` bytes not
-    /// dispatched yet) more unacknowledged or queued bytes than an event from it may be admitted
-    /// with.
+    /// Whether `renet`'s own connection holds (or will hold, with the `pending` bytes its session
+    /// admitted but did not dispatch yet) more unacknowledged or queued bytes than an event from
+    /// it may be admitted with.
     fn overloaded(&self, renet: u64, pending: usize) -> bool {
         self.transport.backlog(renet) + pending > self.max_sender_backlog_bytes
     }
