@@ -92,10 +92,11 @@ pub const DEFAULT_PROTOCOL_ID: u64 = 0x5359_4e51_0000_0001;
 ///
 /// renet has no congestion control: it sends what is queued, up to this, at every flush, and
 /// sends again what is not acknowledged 100 ms later. The reflector flushes a connection as soon
-/// as it queued a message for it and then at least every 20 ms (its acknowledgement flush), so
-/// this is what moves a large `Sync` (a late joiner's snapshot and the events since): 512 KiB
-/// per 20 ms is ≈ 25 MB/s, a 10k-entity `Sync` (≈ 0.3 MB) in one burst, a 100k-entity one (≈ 2.2
-/// MB) in five. (At 16 KiB, the previous value, a `Sync` moved at ≈ 0.8 MB/s.)
+/// as it queued a message for it; when a flush used most of this allowance, it flushes again as
+/// soon as the client acknowledges anything (clients acknowledge within 10 ms), so a large `Sync`
+/// (a late joiner's snapshot and the events since) moves in bursts of this size clocked by the
+/// client's acks: a 10k-entity `Sync` (≈ 0.2 MB) in one burst, a 100k-entity one (≈ 2.1 MB) in
+/// five. (At 16 KiB, the value before, a `Sync` moved at ≈ 0.8 MB/s.)
 ///
 /// A burst must fit the receiving socket's buffer, or the rest is dropped and resent 100 ms later:
 /// both ends ask for [`SOCKET_BUFFER_BYTES`] (4 MiB, which Linux doubles for its bookkeeping,

@@ -28,7 +28,8 @@
 //! flush on a timer acknowledge each other's acknowledgements forever. The reflector asks renet
 //! for packets only when it has messages to send, when the client sent something other than acks
 //! (messages, slices) since the last time, or when a resend may be due: a client's acks alone get
-//! no answer. Heartbeat ticks bypass renet ([`Transport::send_datagram`], see
+//! no answer, unless the last flush left more queued than renet sends at once (a large `Sync`):
+//! then each ack releases the next part, so the transfer goes at the pace the client takes it in. Heartbeat ticks bypass renet ([`Transport::send_datagram`], see
 //! [`synq_protocol::udp#ticks`]), and clients acknowledge nothing else of an idle session, so an
 //! idle client costs its ticks out and netcode's keep-alives in (one every 250 ms), nothing more.
 //! (Ack packets are never dropped once renet made them: a gap in the sequence numbers would split
@@ -49,7 +50,7 @@ use std::time::{Duration, Instant};
 use renet::{Bytes, DisconnectReason, RenetClient};
 use renetcode::{NETCODE_MAX_PACKET_BYTES, NetcodeServer, ServerConfig, ServerResult};
 use synq_protocol::netcode_guard::{PacketKind, Rejected, check_server_bound};
-use synq_protocol::udp::{CHANNEL, CHANNEL_MEMORY_BYTES, RENET_ACK_PACKET, connection_config};
+use synq_protocol::udp::{BYTES_PER_FLUSH, CHANNEL, CHANNEL_MEMORY_BYTES, RENET_ACK_PACKET, connection_config};
 
 use super::log_limit::{LogLimit, netcode_errors};
 
@@ -122,6 +123,12 @@ struct Connection {
     /// Since when the client has sent something other than acks that renet was not asked to
     /// acknowledge yet.
     owes_ack: Option<Instant>,
+    /// The last flush used most of renet's per-flush allowance ([`BYTES_PER_FLUSH`]): more is
+    /// queued (a large `Sync` going out), and the client's next acks call for the next part.
+    more_queued: bool,
+    /// The client acknowledged something since the last flush while more was queued: flush at
+    /// once (sending is clocked by the client's acks, so it goes as fast as the client takes in).
+    continue_now: bool,
     /// The earliest time a heap entry wakes this connection for.
     scheduled: Option<Instant>,
 }
@@ -140,6 +147,9 @@ impl Connection {
 
     /// When this connection next needs attention.
     fn next_wake(&self, now: Instant) -> Instant {
+        if self.continue_now {
+            return now;
+        }
         let mut wake = (self.last_sent + KEEP_ALIVE).min(self.last_received + TIMEOUT_CHECK);
         if let Some(at) = self.owes_ack {
             wake = wake.min(at + ACK_DELAY);
@@ -152,7 +162,9 @@ impl Connection {
 
     /// Whether renet should be asked for packets now, with no new message queued.
     fn flush_due(&self, now: Instant) -> bool {
-        self.owes_ack.is_some_and(|t| now >= t + ACK_DELAY) || (now >= self.last_flush + RESEND_CHECK && self.unacked())
+        self.continue_now
+            || self.owes_ack.is_some_and(|t| now >= t + ACK_DELAY)
+            || (now >= self.last_flush + RESEND_CHECK && self.unacked())
     }
 }
 
@@ -428,6 +440,7 @@ impl Transport {
                     connection.owes_ack = Some(now);
                 }
                 let acks_only = payload.first() == Some(&RENET_ACK_PACKET);
+                connection.continue_now |= connection.more_queued;
                 connection.renet.process_packet(payload);
                 if connection.renet.is_disconnected() {
                     // renet refused the packet (a protocol error): netcode closes the connection.
@@ -461,6 +474,8 @@ impl Transport {
                     last_received: now,
                     last_flush: now,
                     owes_ack: None,
+                    more_queued: false,
+                    continue_now: false,
                     scheduled: None,
                 };
                 self.connections.insert(id, connection);
@@ -607,7 +622,10 @@ impl Transport {
         connection.advance(now);
         connection.last_flush = now;
         connection.owes_ack = None;
+        connection.continue_now = false;
         let packets = connection.renet.get_packets_to_send();
+        let bytes: usize = packets.iter().map(Vec::len).sum();
+        connection.more_queued = bytes as u64 * 2 >= BYTES_PER_FLUSH;
         let netcode = &mut self.shards[connection.shard].netcode;
         for packet in packets {
             match netcode.generate_payload_packet(connection.netcode_id, &packet) {
@@ -959,6 +977,63 @@ mod tests {
         assert!(again[0].netcode.is_connected());
         assert_eq!(transport.connected(), 5);
         assert_eq!(transport.shard_count(), 3);
+    }
+
+    #[test]
+    fn a_large_message_goes_out_in_bursts_released_by_the_clients_acks() {
+        use synq_protocol::udp::{ClientSocket, enlarge_socket_buffers};
+        let mut transport = transport(4, 4);
+        assert!(enlarge_socket_buffers(&transport.socket).is_empty());
+        let server = transport.socket.local_addr().unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(enlarge_socket_buffers(&socket).is_empty());
+        let auth = ClientAuthentication::Unsecure {
+            protocol_id: PROTOCOL_ID,
+            client_id: 1,
+            server_addr: server,
+            user_data: None,
+        };
+        let mut client = ClientSocket::new(Duration::ZERO, auth, socket).unwrap();
+        let mut renet = RenetClient::new(connection_config());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !renet.is_connected() {
+            assert!(Instant::now() < deadline, "the client could not connect");
+            client.update(Duration::from_millis(5), &mut renet, |_| {}).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+            transport.update(Instant::now()).unwrap();
+            transport.run_timers(Instant::now());
+            transport.send_queued();
+        }
+        let id = transport.ids()[0];
+
+        // Three bursts' worth (renet sends BYTES_PER_FLUSH at once). Time below is the transport's
+        // logical clock, stepped 1 ms at a time; loopback hands each datagram over within the send.
+        let message = vec![7u8; 3 * BYTES_PER_FLUSH as usize - 1000];
+        let start = Instant::now();
+        transport.send_message(id, Bytes::from(message.clone()));
+        transport.flush(start, [id]);
+        transport.send_queued();
+        let mut received = None;
+        for ms in 1..RESEND_CHECK.as_millis() as u64 {
+            let now = start + Duration::from_millis(ms);
+            client.update(Duration::from_millis(1), &mut renet, |_| {}).unwrap();
+            renet.update(Duration::from_millis(1));
+            // Acknowledged every 10 ms, as bevy_synq's client does.
+            if ms % 10 == 0 && client.owes_flush(&renet) {
+                client.send_packets(&mut renet).unwrap();
+            }
+            transport.update(now).unwrap();
+            transport.run_timers(now);
+            transport.send_queued();
+            if let Some(message) = renet.receive_message(CHANNEL) {
+                received = Some((ms, message.len()));
+                break;
+            }
+        }
+        // Without the continuation, the second burst waited for the resend check (100 ms).
+        let (at, len) = received.expect("the whole message arrived before renet's resend check");
+        assert_eq!(len, message.len());
+        assert!(at >= 20, "three bursts need two rounds of acks, yet it arrived at {at} ms");
     }
 
     #[test]
