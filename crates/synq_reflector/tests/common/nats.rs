@@ -36,10 +36,20 @@ pub fn nats_available(test: &str) -> bool {
     );
 }
 
-/// A free loopback TCP port (bound, then released for the server to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `count` distinct free loopback TCP ports (bound together, then released for the servers to
+/// take: one at a time, the system may hand out a port just released again).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|listener| listener.local_addr().unwrap().port()).collect()
 }
+
+/// Held while a cluster starts: between the moment its ports are released and the moment its
+/// servers bound them, another test of the same binary must not pick the same ones.
+static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Attempts at starting a cluster: a node that exits while starting (a port taken after all)
+/// makes the cluster start again on other ports.
+const START_ATTEMPTS: u32 = 3;
 
 /// A JetStream cluster of `nats-server` processes on loopback.
 pub struct NatsCluster {
@@ -59,13 +69,28 @@ impl NatsCluster {
     /// accepts client connections. JetStream may still be electing its leader: clients retry
     /// (see `JetStreamStorage::connect`).
     pub fn start(name: &str, size: usize) -> Self {
+        let _starting = STARTING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(name, size) {
+                Ok(cluster) => return cluster,
+                Err(reason) if attempt < START_ATTEMPTS => {
+                    eprintln!("nats cluster {name}: {reason}; starting it again on other ports");
+                    attempt += 1;
+                }
+                Err(reason) => panic!("nats cluster {name}: {reason}"),
+            }
+        }
+    }
+
+    fn try_start(name: &str, size: usize) -> Result<Self, String> {
         let binary = nats_server().expect("checked by nats_available");
         let dir = std::env::temp_dir().join(format!("synq-nats-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
-        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
-        let monitor_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let ports = free_ports(3 * size);
+        let (client_ports, rest) = ports.split_at(size);
+        let (cluster_ports, monitor_ports) = rest.split_at(size);
         let routes: Vec<String> = cluster_ports.iter().map(|port| format!("nats://127.0.0.1:{port}")).collect();
         let mut nodes = Vec::new();
         for k in 0..size {
@@ -100,23 +125,37 @@ impl NatsCluster {
                         .join(","),
                 ]);
             }
-            let child = spawn(&binary, &args);
+            let child = spawn(&binary, &args, &dir.join(format!("node{k}.err")));
             nodes.push(Node { child: Some(child), client_port: client_ports[k], monitor_port: monitor_ports[k], args });
         }
-        let cluster = Self { nodes, dir };
+        let mut cluster = Self { nodes, dir };
         for k in 0..size {
-            cluster.wait_accepting(k);
+            cluster.wait_accepting(k)?;
         }
-        cluster
+        Ok(cluster)
     }
 
-    fn wait_accepting(&self, k: usize) {
+    /// Waits until node `k` accepts client connections; fails if it exits first or takes longer
+    /// than [`START_TIMEOUT`].
+    fn wait_accepting(&mut self, k: usize) -> Result<(), String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.nodes[k].client_port));
         let deadline = Instant::now() + START_TIMEOUT;
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server node{k} did not start; log: {}", self.log(k));
+            let exited = self.nodes[k].child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(format!("node{k} exited while starting ({status}): {}", self.errors(k)));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("node{k} did not start; log: {}{}", self.log(k), self.errors(k)));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
+    }
+
+    /// What node `k` wrote to its standard error.
+    fn errors(&self, k: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node{k}.err"))).unwrap_or_default()
     }
 
     /// Every node's client URL.
@@ -141,8 +180,10 @@ impl NatsCluster {
     pub fn restart(&mut self, k: usize) {
         assert!(self.nodes[k].child.is_none(), "node{k} is running");
         let binary = nats_server().expect("checked by nats_available");
-        self.nodes[k].child = Some(spawn(&binary, &self.nodes[k].args));
-        self.wait_accepting(k);
+        self.nodes[k].child = Some(spawn(&binary, &self.nodes[k].args, &self.dir.join(format!("node{k}.err"))));
+        if let Err(reason) = self.wait_accepting(k) {
+            panic!("nats-server {reason}");
+        }
     }
 
     /// Node `k`'s HTTP monitoring port (`/jsz`, `/varz`, …), for debugging.
@@ -161,12 +202,13 @@ impl NatsCluster {
     }
 }
 
-fn spawn(binary: &Path, args: &[String]) -> Child {
+fn spawn(binary: &Path, args: &[String], errors: &Path) -> Child {
+    let errors = std::fs::File::create(errors).expect("a file for nats-server's standard error");
     Command::new(binary)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(errors)
         .spawn()
         .expect("nats-server starts")
 }
