@@ -55,15 +55,29 @@ fn reflector_of(app: &App) -> String {
     app.world().resource::<SynqConnection>().reflector.clone().unwrap_or_default()
 }
 
+/// A three-node NATS cluster named `name` and two reflector edges on it, with short claims.
+fn cluster_with_two_edges(name: &str) -> (nats::NatsCluster, ReflectorProcess, ReflectorProcess) {
+    let cluster = nats::NatsCluster::start(name, 3);
+    let urls = cluster.url_list();
+    let first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    (cluster, first, second)
+}
+
+/// Fails if any of `apps` reported a problem.
+fn assert_no_problems(apps: &[&App]) {
+    for app in apps {
+        let problems = &app.world().resource::<common::Problems>().0;
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+}
+
 #[test]
 fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed() {
     if !nats::nats_available("clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed") {
         return;
     }
-    let cluster = nats::NatsCluster::start("failover", 3);
-    let urls = cluster.url_list();
-    let mut first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
-    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let (_cluster, mut first, second) = cluster_with_two_edges("failover");
 
     // `a` reaches the first edge, which claims the session; `b` tries the second edge first and
     // is sent to the first.
@@ -104,10 +118,7 @@ fn clients_meet_on_their_sessions_edge_and_continue_on_another_when_it_is_killed
         times.windows(2).all(|w| w[0] == w[1])
     });
     assert_eq!(model_resource::<Ledger>(&c).unwrap(), after);
-    for app in [&a, &b, &c] {
-        let problems = &app.world().resource::<common::Problems>().0;
-        assert!(problems.is_empty(), "{problems:?}");
-    }
+    assert_no_problems(&[&a, &b, &c]);
 }
 
 #[test]
@@ -115,10 +126,7 @@ fn sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed() {
     if !nats::nats_available("sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed") {
         return;
     }
-    let mut cluster = nats::NatsCluster::start("spread", 3);
-    let urls = cluster.url_list();
-    let first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
-    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let (mut cluster, first, second) = cluster_with_two_edges("spread");
     // Each session is served by the edge its first client reached.
     let mut a1 = client_of("spread-a", 1, &[first.addr, second.addr]);
     run_until(&mut [&mut a1], TIMEOUT, |apps| synced(apps[0]));
@@ -148,10 +156,7 @@ fn sessions_spread_over_the_edges_and_play_on_when_a_nats_node_is_killed() {
     assert_eq!(&after_b.0[..20], &played_b.0[..], "session b lost acknowledged events");
     assert_eq!(model_resource::<Ledger>(&a2).unwrap(), after_a);
     assert_eq!(model_resource::<Ledger>(&b2).unwrap(), after_b);
-    for app in [&a1, &a2, &b1, &b2] {
-        let problems = &app.world().resource::<common::Problems>().0;
-        assert!(problems.is_empty(), "{problems:?}");
-    }
+    assert_no_problems(&[&a1, &a2, &b1, &b2]);
     cluster.restart(0);
 }
 
@@ -160,10 +165,7 @@ fn a_session_waits_out_a_lost_nats_quorum_and_continues_with_nothing_lost() {
     if !nats::nats_available("a_session_waits_out_a_lost_nats_quorum_and_continues_with_nothing_lost") {
         return;
     }
-    let mut cluster = nats::NatsCluster::start("quorum", 3);
-    let urls = cluster.url_list();
-    let first = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
-    let second = ReflectorProcess::start_cluster(&urls, &["--claim-ttl-ms", CLAIM_TTL_MS]);
+    let (mut cluster, first, second) = cluster_with_two_edges("quorum");
     let mut a = client_of("quorum", 1, &[first.addr, second.addr]);
     let mut b = client_of("quorum", 2, &[first.addr, second.addr]);
     run_until(&mut [&mut a, &mut b], TIMEOUT, |apps| apps.iter().all(|app| synced(app)));
