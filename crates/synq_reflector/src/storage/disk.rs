@@ -40,6 +40,9 @@ pub struct DiskStorage {
     /// Logs to sync that the syncer could not take yet (it was busy), and logs of sessions
     /// unloaded with events not synced.
     pending: Batch,
+    /// The syncer refused the last batch: the logs in `pending` wait for it, and no log is
+    /// added to them meanwhile (each would be another open descriptor for the same file).
+    syncer_busy: bool,
 }
 
 /// A session's event log, open for appending, and the latest time recorded for the session.
@@ -137,7 +140,7 @@ impl DiskStorage {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         let syncer = Syncer::start().map_err(io_err(&root))?;
-        Ok(Self { root, logs: HashMap::new(), syncer, pending: Vec::new() })
+        Ok(Self { root, logs: HashMap::new(), syncer, pending: Vec::new(), syncer_busy: false })
     }
 
     fn session_dir(&self, session: &SessionId) -> PathBuf {
@@ -313,7 +316,7 @@ impl Storage for DiskStorage {
     /// [`crate::storage`]).
     fn sync(&mut self) -> Result<(), StorageError> {
         let mut failed = None;
-        if self.pending.is_empty() {
+        if !self.syncer_busy {
             for (session, log) in self.logs.iter_mut().filter(|(_, log)| log.unsynced) {
                 match log.file.try_clone() {
                     Ok(file) => {
@@ -327,10 +330,14 @@ impl Storage for DiskStorage {
                 }
             }
         }
-        if !self.pending.is_empty()
-            && let Err(batch) = self.syncer.submit(std::mem::take(&mut self.pending))
-        {
-            self.pending = batch;
+        if !self.pending.is_empty() {
+            match self.syncer.submit(std::mem::take(&mut self.pending)) {
+                Ok(()) => self.syncer_busy = false,
+                Err(batch) => {
+                    self.pending = batch;
+                    self.syncer_busy = true;
+                }
+            }
         }
         match failed.or_else(|| self.syncer.failure()) {
             Some((session, error)) => Err(io_err(&self.log_path(&session))(error)),
